@@ -1,0 +1,1 @@
+"""Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)."""

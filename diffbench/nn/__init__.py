@@ -1,0 +1,1 @@
+"""Shared neural-network layers used by the built-in models (attention, time embeddings, adaLN)."""

@@ -1,0 +1,244 @@
+"""Named components that plugins register, and the references users write to pick them.
+
+Every component has a unique kebab-case ``name``, a one-line ``description``, the ``family``
+it works on and its ``options`` with defaults. Families:
+
+* models and samplers: ``"gaussian"`` (continuous Gaussian processes: VP, VE/EDM, flow)
+  or ``"masked"`` (absorbing-state discrete diffusion);
+* guidance: the model family it applies to;
+* datasets and metrics: the data modality, ``"points"``, ``"image"`` or ``"text"``.
+
+Users pick components with references: ``ddim``, ``ddim[eta=1.0,spacing=karras]``, or for a
+component with a ``primary`` option the short form ``cfg:3.0`` (= ``cfg[scale=3.0]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+KINDS = ("models", "samplers", "guidance", "datasets", "metrics")
+FAMILIES = {
+    "models": ("gaussian", "masked"),
+    "samplers": ("gaussian", "masked"),
+    "guidance": ("gaussian", "masked"),
+    "datasets": ("points", "image", "text"),
+    "metrics": ("points", "image", "text"),
+}
+_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class Incompatible(Exception):
+    """Raised by a component when a cell cannot run (the cell is recorded as ``skipped``)."""
+
+
+class ConfigError(ValueError):
+    """Bad user input (unknown name, bad option, bad config key): exit status 2."""
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    description: str
+    family: str
+    options: dict[str, Any] = field(default_factory=dict)
+    primary: str | None = None  # option set by the short form "name:value"
+    plugin: str = ""  # filled in by the host: the plugin (and distribution) that registered it
+
+    kind = ""
+
+    def __post_init__(self):
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"component name {self.name!r} must be kebab-case (a-z, 0-9, '-')")
+        if self.family not in FAMILIES[self.kind]:
+            raise ValueError(
+                f"{self.kind[:-1]} {self.name!r}: family {self.family!r} is not one of {FAMILIES[self.kind]}"
+            )
+        if self.primary is not None and self.primary not in self.options:
+            raise ValueError(f"{self.name!r}: primary option {self.primary!r} is not among its options")
+
+
+@dataclass(frozen=True)
+class Model(Component):
+    """``load(dataset: DataSource, *, device, **options) -> Denoiser | MaskedDenoiser``.
+
+    ``train(dataset, out: Path, *, device, **options)`` (optional) trains it and writes a
+    checkpoint; ``diffbench train`` calls it.
+    """
+
+    load: Callable[..., Any] = None
+    train: Callable[..., Any] | None = None
+    kind = "models"
+
+
+@dataclass(frozen=True)
+class Sampler(Component):
+    """``fn(denoiser, x, timesteps, *, generator, callback=None, **options) -> Tensor``.
+
+    ``requires`` names model capabilities the sampler needs (e.g. ``{"consistency"}``): a
+    model whose denoiser lacks one gives a ``skipped`` cell. ``spacing`` is the default
+    timestep spacing rule (see :func:`diffbench.process.GaussianProcess.timesteps`).
+    """
+
+    fn: Callable[..., Any] = None
+    requires: frozenset = frozenset()
+    spacing: str = "uniform"
+    kind = "samplers"
+
+
+@dataclass(frozen=True)
+class Guidance(Component):
+    """``apply(denoiser, **options) -> guided denoiser``; ``conditional`` guidance needs a
+    class-conditional model (else the cell is skipped)."""
+
+    apply: Callable[..., Any] = None
+    conditional: bool = True
+    kind = "guidance"
+
+
+@dataclass(frozen=True)
+class Dataset(Component):
+    """``load(**options) -> diffbench.data.DataSource``."""
+
+    load: Callable[..., Any] = None
+    kind = "datasets"
+
+
+@dataclass(frozen=True)
+class Metric(Component):
+    """``compute(samples, ctx: MetricContext, **options) -> float | dict[str, float]``.
+
+    ``higher_is_better`` tells ``diffbench compare`` and the plots which direction is better:
+    one bool for every column the metric returns, or a dict of column name to bool.
+    """
+
+    compute: Callable[..., Any] = None
+    higher_is_better: bool | dict[str, bool] = False
+
+    def better_is_higher(self, column: str) -> bool:
+        if isinstance(self.higher_is_better, dict):
+            return self.higher_is_better.get(column, False)
+        return self.higher_is_better
+    kind = "metrics"
+
+
+COMPONENT_CLASSES = {cls.kind: cls for cls in (Model, Sampler, Guidance, Dataset, Metric)}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A user's pick of a component with option overrides, e.g. ``ddim[eta=1.0]``."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={_fmt(v)}' for k, v in self.options)}]"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def _fmt(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def split_list(text: str) -> list[str]:
+    """Split ``a,b[x=1,y=2],c:3`` at the commas that are not inside brackets."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    items.append(current.strip())
+    return [item for item in items if item]
+
+
+def parse_ref(text: str) -> tuple[str, dict[str, Any], Any]:
+    """``'ddim[eta=1]'`` -> ``('ddim', {'eta': 1}, None)``; ``'cfg:3'`` -> ``('cfg', {}, 3)``."""
+    text = text.strip()
+    match = re.fullmatch(r"([^\[\]:]+)(?::([^\[\]]+))?(?:\[(.*)\])?", text)
+    if not match:
+        raise ConfigError(f"cannot parse component reference {text!r}; use name, name:value or name[key=value,...]")
+    name, short, body = match.group(1).strip(), match.group(2), match.group(3)
+    options = {}
+    for pair in split_list(body or ""):
+        if "=" not in pair:
+            raise ConfigError(f"in {text!r}: option {pair!r} must be key=value")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = _parse_value(value)
+    return name, options, (_parse_value(short) if short is not None else None)
+
+
+class Registry:
+    """All registered components, by kind and name."""
+
+    def __init__(self):
+        self._by_kind: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+
+    def add(self, component: Component) -> None:
+        if isinstance(component, Sampler) and component.family == "gaussian" and "spacing" not in component.options:
+            # Every Gaussian sampler takes the timestep spacing rule as an option.
+            component = dataclasses.replace(component, options={**component.options, "spacing": component.spacing})
+        table = self._by_kind[component.kind]
+        if component.name in table:
+            other = table[component.name]
+            raise ConfigError(
+                f"duplicate {component.kind[:-1]} name {component.name!r}: registered by "
+                f"{other.plugin or '?'} and again by {component.plugin or '?'}"
+            )
+        table[component.name] = component
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def all(self, kind: str) -> list[Component]:
+        return [self._by_kind[kind][name] for name in self.names(kind)]
+
+    def get(self, kind: str, name: str) -> Component:
+        try:
+            return self._by_kind[kind][name]
+        except KeyError:
+            valid = ", ".join(self.names(kind)) or "(none registered)"
+            raise ConfigError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}") from None
+
+    def resolve(self, kind: str, text: str) -> Ref:
+        """Parse a reference and check its name and options against the registry."""
+        name, options, short = parse_ref(text)
+        component = self.get(kind, name)
+        if short is not None:
+            if component.primary is None:
+                raise ConfigError(f"{kind[:-1]} {name!r} takes no short value ({text!r}); use {name}[key=value]")
+            options = {component.primary: short, **options}
+        unknown = sorted(set(options) - set(component.options))
+        if unknown:
+            valid = ", ".join(sorted(component.options)) or "(none)"
+            raise ConfigError(f"{kind[:-1]} {name!r} has no option {unknown[0]!r}; valid options: {valid}")
+        return Ref(name, tuple(sorted(options.items())))
+
+    def options(self, kind: str, ref: Ref) -> dict[str, Any]:
+        """The component's defaults overridden by the reference's options."""
+        return {**self.get(kind, ref.name).options, **dict(ref.options)}
+
+
+def with_plugin(component: Component, plugin: str) -> Component:
+    return dataclasses.replace(component, plugin=plugin)

@@ -1,0 +1,162 @@
+"""One training loop for every model plugin: AdamW, EMA, gradient clipping, mixed precision on
+GPU, a progress bar, safetensors checkpoints with a JSON config, and resume after interruption.
+
+A model plugin supplies the network, a loss ``loss_fn(net, x0, labels, generator) -> scalar``
+and the config that rebuilds the network; :func:`train` does the rest.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffbench.checkpoints import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500  # also where an interrupted run resumes from
+
+
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), net.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".train-state")
+
+
+def _save_state(out: Path, net, ema, opt, step: int, config: dict) -> None:
+    """Resumable state: weights, EMA and AdamW moments as tensors (no pickle)."""
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    for i, state in opt.state_dict()["state"].items():
+        tensors |= {f"opt.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
+    save_checkpoint(_state_path(out), tensors, {**config, "resume_step": step})
+
+
+def _load_state(out: Path, net, ema, opt) -> int:
+    path = _state_path(out).with_suffix(".safetensors")
+    if not path.exists():
+        return 0
+    tensors, config = load_checkpoint(path)
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = value
+    opt.load_state_dict(opt_state)
+    return int(config["resume_step"])
+
+
+def train(
+    net: torch.nn.Module,
+    loss_fn: Callable,
+    data: torch.Tensor,
+    labels: torch.Tensor | None,
+    out: str | Path,
+    model_config: dict,
+    cfg: TrainConfig = TrainConfig(),
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """Train ``net`` on (data, labels), write the EMA weights to ``out`` (.safetensors + .json)
+    and return the EMA network. With ``resume``, continues from ``out``'s train-state file."""
+    out = Path(out).with_suffix("")
+    device = torch.device(device)
+    net = net.to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    config = {"model": model_config, "train": asdict(cfg)}
+    start = _load_state(out, net, ema, opt) if resume else 0
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + start)
+    data = data.to(device)
+    labels = labels.to(device) if labels is not None else None
+    use_amp = device.type == "cuda"
+
+    bar = tqdm(range(start, cfg.steps), desc=f"train {out.name}", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=generator, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(net, data[idx], labels[idx] if labels is not None else None, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, net, cfg.ema_decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_state(out, net, ema, opt, step + 1, config)
+
+    save_checkpoint(out, ema.state_dict(), config)
+    _state_path(out).with_suffix(".safetensors").unlink(missing_ok=True)
+    _state_path(out).with_suffix(".json").unlink(missing_ok=True)
+    return ema.eval()
+
+
+def sample_train_times(process, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Training times [n]: uniform step indices for a discrete process (Ho et al. 2020, Alg. 1),
+    log-normal σ for EDM (Karras et al. 2022, Table 1), uniform in [t_min, t_max] otherwise."""
+    from diffbench.process import EDMProcess, VPDiscrete
+
+    if isinstance(process, VPDiscrete):
+        return torch.randint(0, process.num_steps, (n,), generator=generator, device=device).double()
+    if isinstance(process, EDMProcess):
+        return torch.exp(-1.2 + 1.2 * torch.randn(n, generator=generator, device=device, dtype=torch.float64))
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return process.t_min + (process.t_max - process.t_min) * u
+
+
+def regression_target(parameterization: str, process, t, x0, eps):
+    """What a network of the given parameterization is trained to output at x_t = α x0 + σ ε."""
+    from diffbench.denoiser import _per_sample
+
+    a, s = (_per_sample(c, x0) for c in (process.alpha(t), process.sigma(t)))
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        return a * eps - s * x0
+    if parameterization == "velocity":
+        da, ds = (_per_sample(c, x0) for c in process.alpha_sigma_derivatives(t))
+        return da * x0 + ds * eps
+    if parameterization == "score":
+        return -eps / s
+    raise ValueError(f"no regression target for parameterization {parameterization!r}")
+
+
+def denoising_loss(net, process, parameterization: str, x0, labels, generator, label_dropout: float = 0.0,
+                   null_class: int | None = None):
+    """The simple loss of Ho et al. 2020 (eq. 14) for any parameterization: E‖target − net(x_t, t)‖².
+
+    With ``label_dropout`` > 0, labels are replaced by ``null_class`` with that probability
+    (classifier-free guidance training, Ho & Salimans 2022).
+    """
+    t = sample_train_times(process, len(x0), generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    from diffbench.denoiser import _per_sample
+
+    x_t = _per_sample(process.alpha(t), x0) * x0 + _per_sample(process.sigma(t), x0) * eps
+    if labels is not None and label_dropout > 0:
+        drop = torch.rand(len(labels), generator=generator, device=labels.device) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    target = regression_target(parameterization, process, t, x0, eps)
+    return torch.mean((net(x_t, t.float(), labels) - target) ** 2)

@@ -1,0 +1,31 @@
+"""The ``gmm-oracle`` model: the exact denoiser E[x0 | x_t] of a Gaussian-mixture dataset.
+
+It is the ground truth every sampler can be checked against: with a perfect denoiser, the
+only error left in a sample is the sampler's discretisation error.
+"""
+from __future__ import annotations
+
+import diffbench
+from diffbench.denoiser import Denoiser
+from diffbench.process import make_process
+from diffbench.registry import Incompatible, Model
+
+
+def load_gmm_oracle(dataset, *, device="cpu", process="vp-linear"):
+    if dataset.mixture is None:
+        raise Incompatible(f"gmm-oracle needs a Gaussian-mixture dataset (mog-1d, gmm-2d); {dataset.name!r} is not one")
+    proc = make_process(process)
+    mixture = dataset.mixture
+
+    def posterior_mean(x, t, cond):  # x: [B, D], t: [B] in process time
+        t = t.double().cpu()
+        return mixture.posterior_mean(x.cpu(), proc.alpha(t), proc.sigma(t)).to(x.device)
+
+    return Denoiser(posterior_mean, proc, "x0", name="gmm-oracle")
+
+
+@diffbench.hookimpl
+def register_models(register):
+    register(Model(name="gmm-oracle", family="gaussian", load=load_gmm_oracle,
+                   description="exact posterior-mean denoiser of a Gaussian mixture, under any Gaussian process",
+                   options={"process": "vp-linear"}))
