@@ -87,12 +87,14 @@ class GaussianProcess:
     def _noisy_times(self, steps: int, spacing: str, rho: float) -> torch.Tensor:
         t_max, t_min = self.t_max, self.t_min
         i = torch.arange(steps, dtype=F64)
+        # A grid that reaches the data itself (flow: t_min = t_data) must not repeat it.
+        reaches_data = int(t_min == self.t_data)
         if spacing == "uniform":
-            if t_min == self.t_data:  # grid reaches the data itself (flow): don't repeat it
+            if reaches_data:
                 return torch.linspace(t_max, t_min, steps + 1, dtype=F64)[:-1]
             return torch.linspace(t_max, t_min, steps, dtype=F64) if steps > 1 else _as_f64([t_max])
         if spacing == "leading":
-            return t_min + (t_max - t_min) * (steps - 1 - i) / steps
+            return t_min + (t_max - t_min) * (steps - i - 1 + reaches_data) / (steps + reaches_data)
         if spacing == "trailing":
             return t_min + (t_max - t_min) * (steps - i) / steps
         if spacing == "quadratic":

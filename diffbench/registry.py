@@ -5,7 +5,7 @@ it works on and its ``options`` with defaults. Families:
 
 * models and samplers: ``"gaussian"`` (continuous Gaussian processes: VP, VE/EDM, flow)
   or ``"masked"`` (absorbing-state discrete diffusion);
-* guidance: the model family it applies to;
+* guidance: the model family it applies to (``"any"`` for ``none``);
 * datasets and metrics: the data modality, ``"points"``, ``"image"`` or ``"text"``.
 
 Users pick components with references: ``ddim``, ``ddim[eta=1.0,spacing=karras]``, or for a
@@ -22,7 +22,7 @@ KINDS = ("models", "samplers", "guidance", "datasets", "metrics")
 FAMILIES = {
     "models": ("gaussian", "masked"),
     "samplers": ("gaussian", "masked"),
-    "guidance": ("gaussian", "masked"),
+    "guidance": ("gaussian", "masked", "any"),
     "datasets": ("points", "image", "text"),
     "metrics": ("points", "image", "text"),
 }

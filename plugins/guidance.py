@@ -7,5 +7,5 @@ from diffbench.registry import Guidance
 
 @diffbench.hookimpl
 def register_guidance(register):
-    register(Guidance(name="none", family="gaussian", apply=lambda denoiser: denoiser, conditional=False,
+    register(Guidance(name="none", family="any", apply=lambda denoiser: denoiser, conditional=False,
                       description="no guidance: the model's own (conditional, if it is) prediction"))

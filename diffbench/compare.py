@@ -1,0 +1,160 @@
+"""``diffbench compare NEW BASELINE``: the CI regression gate.
+
+Cells are matched on (model, sampler, guidance, dataset, steps). For every cell that was ok
+in the baseline: its status must still be ok, its NFE must be identical, each quality metric
+may get worse by at most ``abs + rel·|baseline|`` (tight: these are deterministic given the
+seed), and each timing may grow by at most a ratio (wide: shared machines are noisy).
+Exit codes: 0 no regression, 1 regression, 2 broken run or nothing comparable.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+import pandas as pd
+from tabulate import tabulate
+
+from diffbench.registry import ConfigError
+from diffbench.results import KEY_COLUMNS
+
+DEFAULT_TOLERANCES = {
+    "metrics": {"abs": 1e-3, "rel": 0.02},
+    "timing": {"ratio": 3.0, "abs": 0.05},  # wall_s / step_ms may triple (plus a small absolute floor)
+    "memory": {"ratio": 2.0, "abs": 64.0},  # MiB
+    "columns": {},  # per-column overrides, e.g. {"fid[digits-cnn]": {"rel": 0.05}}
+}
+TIMING = ("wall_s", "step_ms")
+MEMORY = ("peak_mem_mb",)
+
+
+class BrokenRun(Exception):
+    """A results directory that cannot be compared (missing or unreadable table)."""
+
+
+@dataclass
+class Finding:
+    cell: str
+    column: str
+    baseline: object
+    new: object
+    limit: str
+    verdict: str  # "regression" or "improved"
+
+
+def load_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, bool]]:
+    """results.csv of a run directory (or the file itself) and its metric directions."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    csv = directory / "results.csv"
+    if not csv.is_file():
+        raise BrokenRun(f"{directory}: no results.csv")
+    try:
+        df = pd.read_csv(csv)
+    except Exception as exc:
+        raise BrokenRun(f"{csv}: unreadable ({exc})") from None
+    missing = [c for c in KEY_COLUMNS + ["status", "nfe"] if c not in df.columns]
+    if missing:
+        raise BrokenRun(f"{csv}: missing column {missing[0]!r}")
+    directions = {}
+    if (directory / "results.json").is_file():
+        directions = json.loads((directory / "results.json").read_text()).get("columns", {}).get("metrics", {})
+    return df, directions
+
+
+def load_tolerances(path: str | Path | None) -> dict:
+    tolerances = json.loads(json.dumps(DEFAULT_TOLERANCES))
+    if path is None:
+        return tolerances
+    try:
+        user = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--tolerances {path}: {exc}") from None
+    for key, value in user.items():
+        if key not in tolerances:
+            raise ConfigError(f"--tolerances {path}: unknown table [{key}]; valid: {', '.join(tolerances)}")
+        tolerances[key].update(value)
+    return tolerances
+
+
+def _worse_by(new: float, base: float, higher_is_better: bool) -> float:
+    return (base - new) if higher_is_better else (new - base)
+
+
+def compare_tables(new: pd.DataFrame, base: pd.DataFrame, directions: dict[str, bool], tol: dict) -> list[Finding]:
+    """Every regression (and notable improvement) of ``new`` against ``base``."""
+    findings = []
+    new_by_key = {tuple(r[k] for k in KEY_COLUMNS): r for r in new.to_dict("records")}
+    for b in base.to_dict("records"):
+        if b["status"] != "ok":
+            continue
+        key = tuple(b[k] for k in KEY_COLUMNS)
+        cell = " / ".join(str(k) for k in key)
+        n = new_by_key.get(key)
+        if n is None:
+            findings.append(Finding(cell, "status", "ok", "missing", "cell must run", "regression"))
+            continue
+        if n["status"] != "ok":
+            findings.append(Finding(cell, "status", "ok", f"{n['status']}: {n.get('reason', '')}"[:80], "ok", "regression"))
+            continue
+        if int(n["nfe"]) != int(b["nfe"]):
+            findings.append(Finding(cell, "nfe", int(b["nfe"]), int(n["nfe"]), "identical", "regression"))
+        for column, higher in directions.items():
+            findings += _check_metric(cell, column, b, n, higher, {**tol["metrics"], **tol["columns"].get(column, {})})
+        for column in TIMING + MEMORY:
+            limits = {**tol["timing" if column in TIMING else "memory"], **tol["columns"].get(column, {})}
+            findings += _check_ratio(cell, column, b, n, limits)
+    return findings
+
+
+def _check_metric(cell, column, b, n, higher, limits) -> list[Finding]:
+    base_v, new_v = b.get(column), n.get(column)
+    if base_v is None or (isinstance(base_v, float) and math.isnan(base_v)):
+        return []
+    if new_v is None or (isinstance(new_v, float) and math.isnan(new_v)):
+        return [Finding(cell, column, base_v, "missing", "must be reported", "regression")]
+    allowed = limits.get("abs", 0.0) + limits.get("rel", 0.0) * abs(base_v)
+    worse = _worse_by(new_v, base_v, higher)
+    limit = f"{'-' if higher else '+'}{allowed:.3g}"
+    if worse > allowed:
+        return [Finding(cell, column, base_v, new_v, limit, "regression")]
+    if -worse > allowed:
+        return [Finding(cell, column, base_v, new_v, limit, "improved")]
+    return []
+
+
+def _check_ratio(cell, column, b, n, limits) -> list[Finding]:
+    base_v, new_v = b.get(column), n.get(column)
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (base_v, new_v)):
+        return []
+    allowed = base_v * limits.get("ratio", math.inf) + limits.get("abs", 0.0)
+    if new_v > allowed:
+        return [Finding(cell, column, base_v, new_v, f"<= {allowed:.3g}", "regression")]
+    return []
+
+
+def compare_runs(new_dir, base_dir, tolerances_path=None) -> tuple[int, str]:
+    """(exit code, report text)."""
+    try:
+        new, new_directions = load_table(new_dir)
+        base, base_directions = load_table(base_dir)
+    except BrokenRun as exc:
+        return 2, f"broken run: {exc}"
+    tol = load_tolerances(tolerances_path)
+    base_ok = base[base["status"] == "ok"]
+    shared = set(map(tuple, base_ok[KEY_COLUMNS].astype(str).values)) & set(map(tuple, new[KEY_COLUMNS].astype(str).values))
+    if base_ok.empty or not shared:
+        return 2, f"nothing comparable: no ok cell of {base_dir} appears in {new_dir}"
+    findings = compare_tables(new, base, {**new_directions, **base_directions}, tol)
+    regressions = [f for f in findings if f.verdict == "regression"]
+    lines = [f"compared {len(base_ok)} baseline cells against {new_dir}: "
+             f"{len(regressions)} regression(s), {len(findings) - len(regressions)} improvement(s)"]
+    if findings:
+        lines.append(tabulate([f.__dict__ for f in findings], headers="keys", tablefmt="simple", floatfmt=".4g"))
+    return (1 if regressions else 0), "\n".join(lines)

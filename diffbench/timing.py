@@ -1,0 +1,110 @@
+"""Wall-clock and peak-memory measurement, and the environment fingerprint of a run."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a block in MiB: CUDA peak allocated, or on CPU the peak RSS above the
+    RSS at entry (polled every 2 ms by a thread, so very short spikes can be missed)."""
+
+    def __init__(self, device: torch.device, poll_s: float = 0.002):
+        self.device, self.poll_s = device, poll_s
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._process = psutil.Process()
+        self._base = self._peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(self.poll_s)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            self.peak_mb = (self._peak - self._base) / 2**20
+        return False
+
+
+@contextmanager
+def wall_timer(device: torch.device, out: list[float]):
+    """Append the block's wall-clock seconds to ``out`` (synchronising CUDA at both ends)."""
+    synchronize(device)
+    tic = time.perf_counter()
+    yield
+    synchronize(device)
+    out.append(time.perf_counter() - tic)
+
+
+def summarize(times: list[float]) -> tuple[float, float]:
+    """(median, standard deviation) of repeated timings."""
+    return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_fingerprint(device: torch.device) -> dict:
+    """Versions and hardware a result was measured with."""
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffbench": _version("diffbench"),
+        "torch_fidelity": _version("torch-fidelity"),
+        "git_commit": _git_commit(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda and device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
