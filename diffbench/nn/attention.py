@@ -4,17 +4,24 @@ Backends: ``triton`` (the project's fused flash-attention kernel, see
 ``diffbench.kernels.attention``), ``sdpa`` (torch's scaled_dot_product_attention) and
 ``math`` (the explicit softmax(QK^T/sqrt(d))V reference). Models call
 :func:`attention`; the runner picks the backend with :func:`use_backend`.
+
+The Triton kernel runs on CUDA tensors, or on CPU tensors under the Triton interpreter:
+``TRITON_INTERPRET=1`` set before the kernels are first imported (the first ``triton``-backend
+call imports them). Where it cannot run, ``triton`` falls back to ``sdpa`` with one warning.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("triton", "sdpa", "math")
 _backend = "sdpa"
+_warned_triton_fallback = False
 
 
 def get_backend() -> str:
@@ -45,8 +52,34 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
+def _triton_kernel(q: torch.Tensor):
+    """The Triton flash-attention function if it can run on q's device, else None (warns once)."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return _fall_back_to_sdpa("the tensors are not on CUDA and TRITON_INTERPRET is not 1")
+    try:
+        from diffbench.kernels import attention as kernels
+    except ImportError as error:
+        return _fall_back_to_sdpa(f"triton cannot be imported ({error})")
+    if not (q.is_cuda or kernels.INTERPRETED):
+        # TRITON_INTERPRET is read when the kernels are decorated, i.e. at their first import.
+        return _fall_back_to_sdpa("the kernels were imported before TRITON_INTERPRET=1 was set")
+    return kernels.flash_attention
+
+
+def _fall_back_to_sdpa(reason: str) -> None:
+    global _warned_triton_fallback
+    if not _warned_triton_fallback:
+        _warned_triton_fallback = True
+        warnings.warn(f"attention backend 'triton' falls back to 'sdpa': {reason}", RuntimeWarning, stacklevel=4)
+    return None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over [B, H, L, D] tensors with the current backend."""
+    """Attention over q [B, H, Lq, D] and k/v [B, H, Lk, D] with the current backend."""
     if _backend == "math":
         return math_attention(q, k, v)
+    if _backend == "triton":
+        kernel = _triton_kernel(q)
+        if kernel is not None:
+            return kernel(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

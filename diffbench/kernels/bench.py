@@ -1,0 +1,172 @@
+"""Attention kernel benchmark (GPU only): TFLOP/s of the forward and forward+backward passes.
+
+Backends: the project's Triton kernel, each SDPA backend torch offers (flash, cuDNN,
+memory-efficient; a backend that rejects a shape is recorded as ``unsupported``) and the
+float32 math reference. Shapes: the FlashAttention-2 sweep (Dao, 2023, section 4.1: batch x
+seqlen = 16k tokens, hidden size 2048) at head dims 64 and 128, and the attention layers of
+DiT-XL/2, ADM and Stable Diffusion's cross-attention.
+
+Writes ``<out_dir>/<gpu-name-slug>.csv`` (one row per case, backend and pass) and ``.md``.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+PASSES = ("fwd", "fwd+bwd")
+BACKWARD_FLOPS_RATIO = 2.5  # backward = 2.5x forward matmul FLOPs (5 matmuls vs 2, FA2 section 4.1)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+
+    def forward_flops(self) -> float:
+        """4 B H Lq Lk D: two matmuls (Q K^T and P V) of 2 Lq Lk D flops per head."""
+        return 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+
+    def flops(self, pass_name: str) -> float:
+        return self.forward_flops() * (1.0 if pass_name == "fwd" else 1.0 + BACKWARD_FLOPS_RATIO)
+
+
+def attention_cases() -> list[AttentionCase]:
+    """The benchmarked shapes."""
+    sweep = [
+        AttentionCase(f"seq{seq // 1024}k-d{head_dim}", 16384 // seq, 2048 // head_dim, seq, seq, head_dim)
+        for head_dim in (64, 128)
+        for seq in (1024, 2048, 4096, 8192, 16384)
+    ]
+    models = [
+        # DiT-XL/2: hidden 1152 = 16 heads x 72; 256 tokens at 256 px, 1024 at 512 px.
+        AttentionCase("dit-xl2-256tok", 32, 16, 256, 256, 72),
+        AttentionCase("dit-xl2-1024tok", 32, 16, 1024, 1024, 72),
+        # ADM (ImageNet 256): 64 channels per head; 32x32 maps at 512 channels, 16x16 at 1024.
+        AttentionCase("adm-1024tok", 32, 8, 1024, 1024, 64),
+        AttentionCase("adm-256tok", 32, 16, 256, 256, 64),
+    ]
+    # Stable Diffusion cross-attention: 64x64 latent tokens over 77 text tokens, 8 heads.
+    cross = [AttentionCase(f"sd-cross-d{d}", 16, 8, 4096, 77, d) for d in (40, 80, 160)]
+    return sweep + models + cross
+
+
+def _sdpa(backend: SDPBackend):
+    def attention(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return attention
+
+
+def _backends() -> dict:
+    from diffbench.kernels.attention import flash_attention
+    from diffbench.nn.attention import math_attention
+
+    return {
+        "triton": flash_attention,
+        "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "math": math_attention,
+    }
+
+
+def _math_fits(case: AttentionCase) -> bool:
+    """The math reference keeps ~4 float32 [B, H, Lq, Lk] tensors alive (scores, probabilities
+    and their gradients); skip it where they would take over half of the GPU."""
+    score_bytes = 4 * case.batch * case.heads * case.q_len * case.kv_len
+    return 4 * score_bytes < torch.cuda.get_device_properties(0).total_memory / 2
+
+
+def _time_ms(attention, case: AttentionCase, dtype: torch.dtype, pass_name: str) -> float:
+    """Median milliseconds of one pass (CUDA events after warm-up, triton.testing.do_bench)."""
+    import triton.testing
+
+    backward = pass_name == "fwd+bwd"
+    q = torch.randn(case.batch, case.heads, case.q_len, case.head_dim, device="cuda", dtype=dtype,
+                    requires_grad=backward)
+    k, v = (torch.randn(case.batch, case.heads, case.kv_len, case.head_dim, device="cuda", dtype=dtype,
+                        requires_grad=backward) for _ in range(2))
+    do = torch.randn_like(q)
+
+    def step():
+        out = attention(q, k, v)
+        if backward:
+            out.backward(do)
+
+    return triton.testing.do_bench(step, grad_to_none=[q, k, v], return_mode="median")
+
+
+def _measure(name: str, attention, case: AttentionCase, dtype: torch.dtype, pass_name: str) -> dict:
+    shape = {key: value for key, value in asdict(case).items() if key != "name"}
+    row = {"case": case.name, **shape, "dtype": str(dtype).removeprefix("torch."),
+           "backend": name, "pass": pass_name, "status": "ok", "ms": None, "tflops": None}
+    if name == "math" and not _math_fits(case):
+        return {**row, "status": "skipped (memory)"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDPA explains each rejected kernel in a warning
+            ms = _time_ms(attention, case, dtype, pass_name)
+    except torch.OutOfMemoryError:
+        return {**row, "status": "oom"}
+    except RuntimeError as error:  # an SDPA backend that cannot run this shape or dtype
+        if name == "triton":
+            raise
+        return {**row, "status": f"unsupported: {str(error).splitlines()[0][:120]}"}
+    finally:
+        torch.cuda.empty_cache()
+    return {**row, "ms": ms, "tflops": case.flops(pass_name) / (ms * 1e-3) / 1e12}
+
+
+def gpu_slug() -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def _markdown(table: pd.DataFrame, title: str) -> str:
+    """One TFLOP/s table per pass: rows are cases, columns backends (the status where no figure)."""
+    table = table.assign(
+        shape=[f"{b}x{h}x{lq}x{lk}x{d}" for b, h, lq, lk, d in
+               table[["batch", "heads", "q_len", "kv_len", "head_dim"]].itertuples(index=False)],
+        value=[f"{t:.1f}" if s == "ok" else s.split(":")[0] for t, s in zip(table["tflops"], table["status"])],
+    )
+    sections = [f"# {title}\n\nTFLOP/s; shape is B x H x Lq x Lk x D.\n"]
+    for pass_name in PASSES:
+        rows = table[table["pass"] == pass_name]
+        pivot = rows.pivot(index=["case", "shape"], columns="backend", values="value")
+        pivot = pivot.reindex(index=pd.MultiIndex.from_frame(rows[["case", "shape"]].drop_duplicates()),
+                              columns=rows["backend"].unique())
+        sections.append(f"## {pass_name}\n\n{pivot.reset_index().to_markdown(index=False)}\n")
+    return "\n".join(sections)
+
+
+def run_attention_benchmark(out_dir: str | Path = "results/kernels", dtype: torch.dtype = torch.bfloat16,
+                            cases: list[AttentionCase] | None = None) -> pd.DataFrame:
+    """Benchmark every backend on every case; write ``<out_dir>/<gpu-slug>.csv`` and ``.md``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the attention benchmark needs a CUDA GPU; torch.cuda.is_available() is False")
+    import triton  # after the check: on CPU the benchmark has nothing to import triton for
+    cases = attention_cases() if cases is None else cases
+    backends = _backends()
+    jobs = [(name, case, pass_name) for case in cases for name in backends for pass_name in PASSES]
+    rows = [_measure(name, backends[name], case, dtype, pass_name)
+            for name, case, pass_name in tqdm(jobs, desc="attention benchmark")]
+    table = pd.DataFrame(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / f"{gpu_slug()}.csv", index=False)
+    title = (f"Attention on {torch.cuda.get_device_name()}, {str(dtype).removeprefix('torch.')} "
+             f"(torch {torch.__version__}, triton {triton.__version__})")
+    (out_dir / f"{gpu_slug()}.md").write_text(_markdown(table, title))
+    return table
