@@ -156,16 +156,19 @@ class Denoiser:
 class MaskedDenoiser:
     """Masked (absorbing-state) discrete diffusion: ``net(tokens [B,L], t [B], cond) -> logits [B,L,V]``.
 
-    ``mask_id`` is the absorbing token; ``schedule`` gives the masking probability at time t.
+    ``mask_id`` is the absorbing token; ``schedule`` gives the masking probability at time t:
+    ``schedule.alpha(t)`` is the probability that a token is still unmasked at t (α(0) = 1,
+    α(1) = 0) and ``schedule.weight(t) = −α'(t) / (1 − α(t))`` the ELBO weight. ``prompt``
+    (token ids [P] or None) is a prefix that samplers write into every sample and never change.
     Calls are counted like :class:`Denoiser`.
     """
 
     family = "masked"
 
     def __init__(self, net: Callable, *, vocab_size: int, mask_id: int, schedule=None, num_classes: int = 0,
-                 capabilities=(), name: str = ""):
+                 capabilities=(), name: str = "", prompt: torch.Tensor | None = None):
         self.net = net
-        self.vocab_size, self.mask_id, self.schedule = vocab_size, mask_id, schedule
+        self.vocab_size, self.mask_id, self.schedule, self.prompt = vocab_size, mask_id, schedule, prompt
         self.num_classes = num_classes
         self.null_class = None
         self.capabilities = frozenset(capabilities)

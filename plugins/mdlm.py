@@ -1,0 +1,220 @@
+"""The ``mdlm`` model: masked (absorbing-state) discrete diffusion for text.
+
+Forward process (Austin et al. 2021, D3PM absorbing state; Sahoo et al. 2024, MDLM §2): each
+token is kept with probability α(t) and replaced by the mask token otherwise, independently:
+
+    q(x_t^i | x_0^i) = α(t) [x_t^i = x_0^i] + (1 − α(t)) [x_t^i = M],   α(0) = 1, α(1) = 0.
+
+A bidirectional Transformer predicts x_0 at the masked positions, and is trained on the
+continuous-time ELBO (MDLM eq. 10; LLaDA eq. 3 for the linear schedule, where w = 1/t):
+
+    −log p_θ(x_0) ≤ E_{t ~ U(0,1)} E_{x_t} [ w(t) Σ_{i: x_t^i = M} −log p_θ(x_0^i | x_t) ],
+    w(t) = −α'(t) / (1 − α(t)).
+
+The network never outputs the mask token (MDLM's "zero masking probabilities"): its logits
+cover the ``vocab_size`` real tokens and ``mask_id = vocab_size``. Time conditioning is optional
+(MDLM §3.2 and Ou et al. 2024 show the optimal x_0 predictor does not depend on t); shipped
+checkpoints are time-independent, so any schedule can be used at sampling time.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import diffbench
+from diffbench.checkpoints import load_checkpoint
+from diffbench.denoiser import MaskedDenoiser
+from diffbench.nn.attention import attention
+from diffbench.nn.embeddings import timestep_embedding
+from diffbench.registry import Incompatible, Model
+from diffbench.training import TrainConfig, train
+
+SHIPPED = Path(__file__).parent / "checkpoints"
+USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
+ARCH_DEFAULTS = {"hidden": 64, "depth": 2, "heads": 4, "time_cond": False}
+T_MIN = 1e-3  # training times are drawn in [T_MIN, 1]: w(t) = 1/t would blow up at 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking schedules: α(t) = probability that a token is still unmasked at time t.
+
+
+class LinearSchedule:
+    """α(t) = 1 − t (LLaDA; MDLM's log-linear): w(t) = 1/t."""
+
+    name = "linear"
+
+    def alpha(self, t):
+        return 1 - t
+
+    def weight(self, t):
+        return 1 / t
+
+
+class CosineSchedule:
+    """α(t) = cos(πt/2) (MDLM Table 1's cosine): w(t) = (π/2) sin(πt/2) / (1 − cos(πt/2))."""
+
+    name = "cosine"
+
+    def alpha(self, t):
+        return torch.cos(math.pi / 2 * torch.as_tensor(t, dtype=torch.float64))
+
+    def weight(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return (math.pi / 2) * torch.sin(math.pi / 2 * t) / (1 - torch.cos(math.pi / 2 * t))
+
+
+SCHEDULES = {"linear": LinearSchedule, "cosine": CosineSchedule}
+
+
+def make_schedule(name: str):
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown masking schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]()
+
+
+def mask_tokens(x0: torch.Tensor, t: torch.Tensor, schedule, mask_id: int, u: torch.Tensor):
+    """x_t ~ q(x_t | x_0): mask where the uniform draws u [B, L] fall below 1 − α(t) [B]."""
+    masked = u < (1 - schedule.alpha(t.double())).float()[:, None]  # [B, L]
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def masked_elbo_terms(denoiser, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One-sample ELBO estimate per sequence [B] (nats): w(t) Σ_{masked i} −log p(x_0^i | x_t).
+
+    ``denoiser`` is a MaskedDenoiser (or anything with its ``schedule``, ``mask_id`` and
+    ``(tokens, t) -> logits`` call); t [B] in (0, 1], u [B, L] uniform draws for the masks.
+    """
+    x_t, masked = mask_tokens(x0, t, denoiser.schedule, denoiser.mask_id, u)
+    logits = denoiser(x_t, t)  # [B, L, V]
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), x0, reduction="none")  # [B, L]
+    w = denoiser.schedule.weight(t.double()).float()  # [B]
+    return w * (nll * masked).sum(1)
+
+
+def low_discrepancy_times(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """t_i = T_MIN + (1 − T_MIN)·((u + i/n) mod 1): stratified times, one per sample (MDLM §3.5)."""
+    u = torch.rand((), generator=generator, device=device)
+    return T_MIN + (1 - T_MIN) * ((u + torch.arange(n, device=device) / n) % 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network: a small bidirectional Transformer (pre-LN, learned positions).
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, h):  # h: [B, L, H]
+        B, L, H = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        h = h + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, L, H))  # q, k, v: [B, heads, L, H/heads]
+        return h + self.mlp(self.norm2(h))
+
+
+class MaskedTransformer(nn.Module):
+    """tokens [B, L] (ids in [0, V], V = mask), t [B] -> logits [B, L, V] over the real tokens."""
+
+    def __init__(self, vocab_size: int, seq_len: int, hidden: int = 64, depth: int = 2, heads: int = 4,
+                 time_cond: bool = False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size + 1, hidden)  # + 1: the mask token
+        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, hidden))
+        self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) if time_cond else None
+        self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size))
+
+    def forward(self, tokens, t, cond=None):
+        h = self.tok(tokens) + self.pos[: tokens.shape[1]]  # [B, L, H]
+        if self.time is not None:
+            h = h + self.time(timestep_embedding(1000 * t, h.shape[-1]))[:, None]  # [B, 1, H]
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)  # [B, L, V]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugin: load / train
+
+
+def checkpoint_path(dataset_name: str, schedule: str, arch: dict) -> Path:
+    variant = "" if (schedule, arch) == ("linear", ARCH_DEFAULTS) else "-" + "-".join(
+        [schedule] + [f"{k}{int(v)}" for k, v in arch.items()])
+    stem = f"mdlm-{dataset_name}{variant}"
+    for root in (USER_CACHE, SHIPPED):
+        if (root / f"{stem}.safetensors").exists():
+            return root / stem
+    return SHIPPED / stem
+
+
+def _check_text(dataset):
+    if dataset.modality != "text":
+        raise Incompatible(f"mdlm models token sequences; {dataset.name!r} is {dataset.modality}")
+
+
+def _arch(options: dict) -> dict:
+    return {k: options.get(k, v) for k, v in ARCH_DEFAULTS.items()}
+
+
+def load_mdlm(dataset, *, device="cpu", schedule="linear", prompt="", checkpoint="", **arch):
+    """The trained model as a MaskedDenoiser; ``prompt`` (text) is encoded with the dataset's
+    vocabulary and kept as the prefix of every sample."""
+    _check_text(dataset)
+    path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, schedule, _arch(arch))
+    if not path.with_suffix(".safetensors").exists():
+        raise Incompatible(f"no mdlm checkpoint for {dataset.name!r} at {path}.safetensors; "
+                           f"run: diffbench train --model mdlm --dataset {dataset.name}")
+    weights, config = load_checkpoint(path, device)
+    model = config["model"]
+    if model["signature"] != dataset.info["signature"]:
+        raise Incompatible(f"mdlm checkpoint {path.name} was trained on {model['signature']}, "
+                           f"not {dataset.info['signature']}")
+    net = MaskedTransformer(model["vocab_size"], model["seq_len"], **_arch(model))
+    net.load_state_dict(weights)
+    prompt_ids = dataset.info["encode"](prompt) if prompt else None
+    if prompt_ids is not None and len(prompt_ids) >= dataset.shape[0]:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves nothing to generate (seq_len {dataset.shape[0]})")
+    return MaskedDenoiser(net.to(device).eval(), vocab_size=model["vocab_size"], mask_id=model["vocab_size"],
+                          schedule=make_schedule(schedule), prompt=prompt_ids, name="mdlm")
+
+
+def train_mdlm(dataset, out=None, *, device="cpu", steps=2000, batch_size=128, lr=1e-3, seed=0, progress=True,
+               schedule="linear", prompt="", checkpoint="", **arch):
+    """Train on the ELBO (module docstring); the markov-text checkpoint takes ~2 min on 2 CPU cores."""
+    _check_text(dataset)
+    arch = _arch(arch)
+    vocab_size, seq_len = dataset.info["vocab_size"], dataset.shape[0]
+    net = MaskedTransformer(vocab_size, seq_len, **arch)
+    denoiser = MaskedDenoiser(net, vocab_size=vocab_size, mask_id=vocab_size, schedule=make_schedule(schedule))
+    x0, _ = dataset.train_set(20000)
+    out = out or checkpoint or checkpoint_path(dataset.name, schedule, arch)
+
+    def loss_fn(model, batch, labels, generator):
+        t = low_discrepancy_times(len(batch), generator, batch.device)  # [B]
+        u = torch.rand(batch.shape, generator=generator, device=batch.device)  # [B, L]
+        return masked_elbo_terms(denoiser, batch, t, u).mean() / seq_len  # nats per token
+
+    # checkpoint_every=steps: no mid-run train-state file, whose name training._state_path makes
+    # collide with the checkpoint's own (it would be deleted at the end of the run).
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.995, checkpoint_every=steps)
+    config = {"dataset": dataset.name, "signature": dataset.info["signature"], "vocab_size": vocab_size,
+              "seq_len": seq_len, "schedule": schedule, **arch}
+    train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
+    return Path(out)
+
+
+@diffbench.hookimpl
+def register_models(register):
+    register(Model(name="mdlm", family="masked", load=load_mdlm, train=train_mdlm,
+                   options={"schedule": "linear", "prompt": "", "checkpoint": "", **ARCH_DEFAULTS},
+                   description="masked (absorbing-state) diffusion LM: bidirectional Transformer on the MDLM ELBO (shipped checkpoints)"))
