@@ -1,17 +1,41 @@
 """Samplers for Gaussian diffusion models, one function per algorithm (k-diffusion style).
 
 Every sampler speaks only to the denoiser contract: ``denoiser(x, t) -> x̂0`` and
-``denoiser.process`` (α(t), σ(t), λ(t)). ``timesteps`` is a decreasing float64 grid of
-``steps + 1`` process times ending at clean data; ``generator`` gives per-sample noise.
-Transitions between times t > s use the Gaussian-process posterior (Kingma et al. 2021, VDM
-eqs. 4 and 32–33), with α_{t|s} = α_t/α_s and σ²_{t|s} = σ_t² − α²_{t|s} σ_s².
+``denoiser.process`` (α(t), σ(t), λ(t) = log(α/σ) and its inverse). ``timesteps`` is a
+decreasing float64 grid of ``steps + 1`` process times whose last entry is clean data (σ = 0);
+``generator`` gives per-sample noise (``generator.randn_like``). Schedule coefficients are
+float64 host scalars computed from that grid, so no loop ever syncs with the device.
+
+Notation: x_t = α_t x0 + σ_t ε. Between times t > s, α_{t|s} = α_t/α_s and
+σ²_{t|s} = σ_t² − α²_{t|s} σ_s² (Kingma et al. 2021, VDM eqs. 4 and 32–33).
+
+NFE (model calls) for ``steps`` = len(timesteps) − 1:
+
+    ddpm, ddim, euler, dpm-solver[method=multistep], dpm-solver-pp 2m/3m   steps
+    heun                                                                    2·steps − 1
+    dpm-solver[method=singlestep, order=k], dpm-solver-pp 2s (k = 2)       k·(steps − 1) + 1
+    langevin                                                                n_steps_each·steps + 1
+    pc                                                                      steps + n_steps_each·(steps − 1)
+    one-step                                                                1
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 import diffbench
 from diffbench.registry import ConfigError, Sampler
+
+
+def _report(callback, i, x, t, denoised):
+    if callback is not None:
+        callback({"i": i, "x": x, "t": t, "denoised": denoised})
+
+
+def _check(sampler: str, option: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{sampler}: {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 def _coeffs(process, t, s):
@@ -21,36 +45,41 @@ def _coeffs(process, t, s):
     return a_t, s_t, a_s, s_s, var_ts
 
 
-def _report(callback, i, x, t, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "denoised": denoised})
+# --- DDPM and DDIM -------------------------------------------------------------------------
+
+
+def _posterior_step(process, x, x0, t, s, variance, generator):
+    """One ancestral step x_t -> x_s from q(x_s | x_t, x̂0) (Ho et al. 2020, eqs. 6–7; VDM eq. 33):
+
+        μ = (α_{t|s} σ_s²/σ_t²) x_t + (α_s σ²_{t|s}/σ_t²) x̂0,
+        variance "small": β̃ = σ²_{t|s} σ_s²/σ_t² (the posterior's), "large": β = σ²_{t|s} (§3.2).
+
+    No noise is added on the last step to clean data (Alg. 2: z = 0 at t = 1).
+    """
+    a_t, s_t, a_s, s_s, var_ts = _coeffs(process, t, s)
+    mean = float((a_t / a_s) * s_s**2 / s_t**2) * x + float(a_s * var_ts / s_t**2) * x0
+    if s_s == 0:
+        return mean
+    var = var_ts * s_s**2 / s_t**2 if variance == "small" else var_ts
+    return mean + float(var.sqrt()) * generator.randn_like(x)
 
 
 @torch.no_grad()
 def sample_ddpm(denoiser, x, timesteps, *, generator, callback=None, variance="small"):
-    """Ancestral sampling (Ho et al. 2020, Alg. 2) with the true posterior q(x_s | x_t, x̂0):
-
-        μ = (α_{t|s} σ_s²/σ_t²) x_t + (α_s σ²_{t|s}/σ_t²) x̂0,
-        variance "small": β̃ = σ²_{t|s} σ_s²/σ_t²  (posterior variance, eq. 7);
-        variance "large": β = σ²_{t|s}             (the other choice of §3.2).
-    """
-    if variance not in ("small", "large"):
-        raise ConfigError(f"ddpm: variance must be 'small' or 'large', got {variance!r}")
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) on any grid, with either variance choice."""
+    _check("ddpm", "variance", variance, ("small", "large"))
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        a_t, s_t, a_s, s_s, var_ts = _coeffs(denoiser.process, t, s)
         x0 = denoiser(x, t)
-        mean = float((a_t / a_s) * s_s**2 / s_t**2) * x + float(a_s * var_ts / s_t**2) * x0
-        var = var_ts * s_s**2 / s_t**2 if variance == "small" else var_ts
-        x = mean + float(var.sqrt()) * generator.randn_like(x) if s_s > 0 else mean
+        x = _posterior_step(denoiser.process, x, x0, t, s, variance, generator)
         _report(callback, i, x, t, x0)
     return x
 
 
 @torch.no_grad()
 def sample_ddim(denoiser, x, timesteps, *, generator, callback=None, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12): x_s = α_s x̂0 + sqrt(σ_s² − c²) ε̂ + c z, with
-    c = η · sqrt(σ²_{t|s} σ_s² / σ_t²) (eq. 16; η = 0 is the deterministic ODE sampler,
-    η = 1 recovers DDPM's posterior variance)."""
+    """DDIM (Song et al. 2021a, eq. 12): x_s = α_s x̂0 + sqrt(σ_s² − c²) ε̂ + c z, with
+    c = η · sqrt(σ²_{t|s} σ_s²/σ_t²) (eq. 16; η = 0 is the deterministic ODE sampler,
+    η = 1 has DDPM's posterior variance)."""
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         a_t, s_t, a_s, s_s, var_ts = _coeffs(denoiser.process, t, s)
         x0 = denoiser(x, t)
@@ -63,9 +92,301 @@ def sample_ddim(denoiser, x, timesteps, *, generator, callback=None, eta=0.0):
     return x
 
 
+# --- DPM-Solver and DPM-Solver++ -----------------------------------------------------------
+#
+# Both solve the probability-flow ODE exactly in its linear part and integrate the model
+# output m in the half log-SNR λ (Lu et al. 2022a, eq. 3.4; Lu et al. 2022b, eq. 8):
+#
+#   DPM-Solver   (m = ε̂):  x_t = (α_t/α_s) x_s − α_t ∫_{λ_s}^{λ_t} e^{−λ} ε̂ dλ
+#   DPM-Solver++ (m = x̂0): x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^{λ}  x̂0 dλ
+#
+# Both read x_t = (c_t/c_s) x_s + d_t ∫_0^h e^{−(h−u)} m(u) du with (c, d, h) = (α, σ, λ_s − λ_t)
+# for DPM-Solver and (σ, α, λ_t − λ_s) for DPM-Solver++. Expanding m in u (Taylor, eq. 3.6 of
+# 2022a) gives the coefficients φ1 = 1 − e^{−h}, h·φ2 and h²·φ3 of m, m' and m'' below; an
+# order-k solver replaces the derivatives by finite differences of earlier model outputs.
+
+
+def _phis(h: float) -> tuple[float, float, float]:
+    """∫_0^h e^{−(h−u)} (u/h)^j / j! du for j = 0, 1, 2: (φ1, φ2, φ3), h = ±inf allowed for φ1."""
+    phi1 = -math.expm1(-h)
+    phi2 = 1 - phi1 / h
+    phi3 = 0.5 - (h - phi1) / h**2
+    return phi1, phi2, phi3
+
+
+class _ExponentialIntegrator:
+    """The (c, d, h) of one DPM-Solver step and the model output it integrates (see above)."""
+
+    def __init__(self, denoiser, data_prediction: bool):
+        self.denoiser, self.process, self.data_prediction = denoiser, denoiser.process, data_prediction
+
+    def model(self, x, t):
+        """(x̂0, m): m = x̂0 for DPM-Solver++, m = ε̂ = (x − α x̂0)/σ for DPM-Solver."""
+        x0 = self.denoiser(x, t)
+        if self.data_prediction:
+            return x0, x0
+        return x0, (x - float(self.process.alpha(t)) * x0) / float(self.process.sigma(t))
+
+    def lam(self, t) -> float:
+        """λ signed so that h = lam(t) − lam(s) (λ for DPM-Solver++, −λ for DPM-Solver)."""
+        lam = float(self.process.lambda_(t))
+        return lam if self.data_prediction else -lam
+
+    def coeffs(self, s, t) -> tuple[float, float, float]:
+        """(c_t/c_s, d_t, h) for a step from time s to time t."""
+        a_s, s_s, a_t, s_t = (float(v) for v in _coeffs(self.process, s, t)[:4])
+        c_ratio, d_t = (s_t / s_s, a_t) if self.data_prediction else (a_t / a_s, s_t)
+        return c_ratio, d_t, self.lam(t) - self.lam(s)
+
+    def time_between(self, s, t, r: float):
+        """The time whose λ is λ_s + r (λ_t − λ_s): the intermediate points of singlestep solvers."""
+        lam_s, lam_t = self.process.lambda_(s), self.process.lambda_(t)
+        return self.process.t_from_lambda(lam_s + r * (lam_t - lam_s))
+
+    def first_order(self, x, s, t, m):
+        """DPM-Solver-1 (2022a, eq. 3.7 = DDIM) / DPM-Solver++(1) (2022b, eq. 9)."""
+        c_ratio, d_t, h = self.coeffs(s, t)
+        return c_ratio * x + d_t * _phis(h)[0] * m
+
+
+def _multistep_update(ei, x, s, t, history):
+    """One multistep step s -> t from the model outputs [(lam, m)] at s and before (newest first).
+
+    Order 2 (DPM-Solver++ Alg. 2, "2M"; multistep DPM-Solver-2 of 2022b, App. B):
+        x_t = c x_s + d φ1 (m0 + D1/2),  D1 = (m0 − m1)/r0,  r0 = h0/h.
+    Order 3 (2022b, App. B, "3M"): D1 ≈ h m' and D2 ≈ h² m''/2 from three outputs, then
+        x_t = c x_s + d (φ1 m0 + φ2 D1 + 2 φ3 D2).
+    (The reference implementation weights D2 by φ3; with D2 ≈ h² m''/2 that drops half of the
+    m'' term and the method falls to second order, which tests/test_convergence.py shows.)
+    """
+    (lam0, m0), k = history[0], len(history)
+    if k == 1:
+        return ei.first_order(x, s, t, m0)
+    c_ratio, d_t, h = ei.coeffs(s, t)
+    phi1, phi2, phi3 = _phis(h)
+    r0 = (lam0 - history[1][0]) / h
+    d1_0 = (m0 - history[1][1]) / r0
+    if k == 2:
+        return c_ratio * x + d_t * phi1 * (m0 + 0.5 * d1_0)
+    r1 = (history[1][0] - history[2][0]) / h
+    d1_1 = (history[1][1] - history[2][1]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return c_ratio * x + d_t * (phi1 * m0 + phi2 * d1 + 2 * phi3 * d2)
+
+
+def _singlestep_update(ei, x, s, t, m0, order):
+    """One singlestep step s -> t with ``order`` model calls (the first, m0 at s, is given).
+
+    Order 2: DPM-Solver-2 (2022a, Alg. 1) / DPM-Solver++(2S) (2022b, Alg. 1) with r1 = 1/2:
+        u = first-order step to s1 (λ_s + r1 h);  x_t = c x_s + d φ1 (m0 + (m(u) − m0)/(2 r1)).
+    Order 3: DPM-Solver-3 (2022a, Alg. 2) with r1 = 1/3, r2 = 2/3:
+        u1 = first-order step to s1;  u2 = c x_s + d (φ1 m0 + (r2/r1) φ2 (m(u1) − m0)) at s2;
+        x_t = c x_s + d (φ1 m0 + (1/r2) φ2 (m(u2) − m0)).
+    """
+    if order == 1:
+        return ei.first_order(x, s, t, m0)
+    r1, r2 = (0.5, None) if order == 2 else (1 / 3, 2 / 3)
+    s1 = ei.time_between(s, t, r1)
+    m1 = ei.model(ei.first_order(x, s, s1, m0), s1)[1]
+    if order == 2:
+        c_ratio, d_t, h = ei.coeffs(s, t)
+        return c_ratio * x + d_t * _phis(h)[0] * (m0 + (m1 - m0) / (2 * r1))
+    s2 = ei.time_between(s, t, r2)
+    c_ratio, d_t, h = ei.coeffs(s, s2)
+    phi1, phi2, _ = _phis(h)
+    m2 = ei.model(c_ratio * x + d_t * (phi1 * m0 + r2 / r1 * phi2 * (m1 - m0)), s2)[1]
+    c_ratio, d_t, h = ei.coeffs(s, t)
+    phi1, phi2, _ = _phis(h)
+    return c_ratio * x + d_t * (phi1 * m0 + phi2 * (m2 - m0) / r2)
+
+
+def _dpm_solve(ei, x, timesteps, order, multistep, lower_order_final, callback):
+    """The DPM-Solver loop shared by both model outputs and both methods.
+
+    Multistep solvers warm up with lower orders (order ≤ i + 1) and, with fewer than 15 steps,
+    lower the order again for the last steps (order ≤ steps − i; 2022b §5 and diffusers'
+    ``lower_order_final``). The step to clean data (σ = 0, λ = +inf) is always the first-order
+    limit x = x̂0 (diffusers' ``final_sigmas_type="zero"``): higher orders divide by h = inf.
+    """
+    steps = len(timesteps) - 1
+    history = []  # [(lam, m)] newest first
+    for i, (s, t) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x0, m = ei.model(x, s)
+        history = [(ei.lam(s), m)] + history[: order - 1]
+        if ei.process.sigma(t) == 0:
+            x = x0
+        elif multistep:
+            k = min(order, i + 1, steps - i if lower_order_final and steps < 15 else order)
+            x = _multistep_update(ei, x, s, t, history[:k])
+        else:
+            x = _singlestep_update(ei, x, s, t, m, order)
+        _report(callback, i, x, s, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_solver(denoiser, x, timesteps, *, generator=None, callback=None, order=2, method="multistep",
+                      lower_order_final=True):
+    """DPM-Solver (Lu et al. 2022a) with the noise prediction ε̂: orders 1–3, singlestep
+    (Alg. 1–2: ``order`` model calls per step) or multistep (one call per step, 2022b App. B)."""
+    _check("dpm-solver", "order", order, (1, 2, 3))
+    _check("dpm-solver", "method", method, ("multistep", "singlestep"))
+    ei = _ExponentialIntegrator(denoiser, data_prediction=False)
+    return _dpm_solve(ei, x, timesteps, order, method == "multistep", lower_order_final, callback)
+
+
+@torch.no_grad()
+def sample_dpm_solver_pp(denoiser, x, timesteps, *, generator=None, callback=None, variant="2m",
+                         lower_order_final=True):
+    """DPM-Solver++ (Lu et al. 2022b) with the data prediction x̂0: 2M (Alg. 2), 3M (App. B)
+    or the singlestep 2S (Alg. 1)."""
+    _check("dpm-solver-pp", "variant", variant, ("2m", "3m", "2s"))
+    ei = _ExponentialIntegrator(denoiser, data_prediction=True)
+    return _dpm_solve(ei, x, timesteps, int(variant[0]), variant != "2s", lower_order_final, callback)
+
+
+# --- EDM Euler and Heun --------------------------------------------------------------------
+#
+# Karras et al. 2022 sample x̃ = x/α along σ̃ = σ/α (eq. 4 with s(t) = α: the ODE becomes
+# dx̃/dσ̃ = (x̃ − D(x̃; σ̃))/σ̃, eqs. 3 and 8), so the same loop runs on VP, VE and flow processes.
+
+
+def _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_tmax, s_noise, second_order):
+    """EDM Alg. 2 (stochastic; Alg. 1 when s_churn = 0); ``second_order=False`` drops the
+    Heun correction (lines 9–11), leaving Euler. No correction on the last step to σ̃ = 0."""
+    process = denoiser.process
+    sigmas = (process.sigma(timesteps) / process.alpha(timesteps)).tolist()  # σ̃_i, 0 at clean data
+    alphas = process.alpha(timesteps).tolist()
+    steps = len(timesteps) - 1
+    x = x / alphas[0]
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        # Lines 4–6: raise the noise level to σ̂ = σ (1 + γ) by adding fresh noise ("churn").
+        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        if gamma > 0:
+            sigma_hat = sigma * (1 + gamma)
+            t = process.t_from_lambda(torch.tensor(-math.log(sigma_hat), dtype=torch.float64))
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * generator.randn_like(x)
+        else:
+            sigma_hat = sigma
+        # Lines 7–8: Euler step along d = (x̃ − D)/σ̂.
+        denoised = denoiser(x * float(process.alpha(t)), t)
+        d = (x - denoised) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * d
+        # Lines 9–11: Heun's correction with the slope at the end of the step.
+        if second_order and sigma_next > 0:
+            d_next = (x_next - denoiser(x_next * alphas[i + 1], t_next)) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        x = x_next
+        _report(callback, i, x * alphas[i + 1], t, denoised)
+    return x * alphas[-1]
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, timesteps, *, generator=None, callback=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    """Euler on the EDM ODE (Karras et al. 2022, Alg. 2 without the correction)."""
+    return _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_tmax, s_noise, False)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, timesteps, *, generator=None, callback=None, s_churn=0.0, s_tmin=0.0,
+                s_tmax=float("inf"), s_noise=1.0):
+    """Heun's 2nd-order method on the EDM ODE (Karras et al. 2022, Alg. 1; Alg. 2 with churn)."""
+    return _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_tmax, s_noise, True)
+
+
+# --- Langevin dynamics and predictor–corrector ---------------------------------------------
+
+
+def _langevin_step(denoiser, x, t, snr, generator):
+    """One Langevin MCMC step targeting p_t: x ← x + ε ∇log p_t(x) + sqrt(2ε) z.
+
+    Song et al. 2021b (Alg. 4–5) set ε = 2 (r ‖z‖/‖∇log p‖)² so that the update's signal-to-noise
+    ratio is r = ``snr``; we use the per-sample expectation ‖z‖² ≈ d, ‖∇log p_t‖² ≈ d/σ_t², i.e.
+    ε = 2 (r σ_t)², which is Song & Ermon's (2019, Alg. 1) rule α_i ∝ σ_i². It keeps a sample
+    independent of its batch and does not blow up where the score vanishes.
+    """
+    step = 2 * (snr * float(denoiser.process.sigma(t))) ** 2
+    return x + step * denoiser.score(x, t) + math.sqrt(2 * step) * generator.randn_like(x)
+
+
+@torch.no_grad()
+def sample_langevin(denoiser, x, timesteps, *, generator, callback=None, n_steps_each=5, snr=0.16):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): ``n_steps_each`` Langevin steps at
+    every noisy time of the grid, then the denoising step x̂0 = D(x, t_min) (Song & Ermon 2020)."""
+    for i, t in enumerate(timesteps[:-1]):
+        for _ in range(n_steps_each):
+            x = _langevin_step(denoiser, x, t, snr, generator)
+        _report(callback, i, x, t, None)
+    return denoiser(x, timesteps[-2])
+
+
+def _reverse_diffusion_step(process, x, x0, t, s, generator):
+    """Reverse-diffusion predictor (Song et al. 2021b, eq. 46; Alg. 2–3 lines 3–5) for the
+    discretised forward step x_t = α_{t|s} x_s + σ_{t|s} z:
+        x_s = (2 − α_{t|s}) x_t + σ²_{t|s} ∇log p_t(x_t) + σ_{t|s} z,  ∇log p_t = (α_t x̂0 − x_t)/σ_t²."""
+    a_t, s_t, a_s, _, var_ts = _coeffs(process, t, s)
+    score = (float(a_t) * x0 - x) / float(s_t**2)
+    return float(2 - a_t / a_s) * x + float(var_ts) * score + float(var_ts.sqrt()) * generator.randn_like(x)
+
+
+@torch.no_grad()
+def sample_pc(denoiser, x, timesteps, *, generator, callback=None, predictor="reverse-diffusion", n_steps_each=1,
+              snr=0.16):
+    """Predictor–corrector sampling (Song et al. 2021b, Alg. 2–3): a reverse-diffusion or
+    ancestral (DDPM posterior, App. F) predictor step, then ``n_steps_each`` Langevin corrector
+    steps at the new time; the step to clean data is the noise-free x̂0 = D(x, t_min)."""
+    _check("pc", "predictor", predictor, ("reverse-diffusion", "ancestral"))
+    process = denoiser.process
+    for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x0 = denoiser(x, t)
+        if process.sigma(s) == 0:
+            x = x0
+        else:
+            if predictor == "ancestral":
+                x = _posterior_step(process, x, x0, t, s, "small", generator)
+            else:
+                x = _reverse_diffusion_step(process, x, x0, t, s, generator)
+            for _ in range(n_steps_each):
+                x = _langevin_step(denoiser, x, s, snr, generator)
+        _report(callback, i, x, t, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_one_step(denoiser, x, timesteps, *, generator=None, callback=None):
+    """One model call from pure noise: x̂0 = D(x_T, t_max) (the one-step baseline; consistency
+    models, Song et al. 2023, Alg. 1 with a single step). Only timesteps[0] is used."""
+    x0 = denoiser(x, timesteps[0])
+    _report(callback, 0, x0, timesteps[0], x0)
+    return x0
+
+
 @diffbench.hookimpl
 def register_samplers(register):
-    register(Sampler(name="ddpm", family="gaussian", fn=sample_ddpm, options={"variance": "small"},
+    churn = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+    register(Sampler(name="ddpm", family="gaussian", fn=sample_ddpm, options={"variance": "small"}, primary="variance",
                      description="ancestral sampling, Ho et al. 2020 (variance: small=β̃ posterior, large=β)"))
     register(Sampler(name="ddim", family="gaussian", fn=sample_ddim, options={"eta": 0.0}, primary="eta",
                      description="DDIM, Song et al. 2021 (eta=0 deterministic; eta=1 ancestral)"))
+    register(Sampler(name="dpm-solver", family="gaussian", fn=sample_dpm_solver, primary="order",
+                     options={"order": 2, "method": "multistep", "lower_order_final": True},
+                     spacing="uniform-logsnr",
+                     description="DPM-Solver, Lu et al. 2022 (order 1-3, multistep or singlestep; ε-prediction)"))
+    register(Sampler(name="dpm-solver-pp", family="gaussian", fn=sample_dpm_solver_pp, primary="variant",
+                     options={"variant": "2m", "lower_order_final": True}, spacing="uniform-logsnr",
+                     description="DPM-Solver++, Lu et al. 2022b (variant 2m, 3m or 2s; x0-prediction)"))
+    register(Sampler(name="euler", family="gaussian", fn=sample_euler, options=dict(churn), spacing="karras",
+                     description="Euler on the EDM ODE, Karras et al. 2022 (optional churn)"))
+    register(Sampler(name="heun", family="gaussian", fn=sample_heun, options=dict(churn), spacing="karras",
+                     description="Heun 2nd order on the EDM ODE, Karras et al. 2022 Alg. 1-2 (NFE = 2*steps-1)"))
+    register(Sampler(name="langevin", family="gaussian", fn=sample_langevin, primary="snr",
+                     options={"n_steps_each": 5, "snr": 0.16},
+                     description="annealed Langevin dynamics, Song & Ermon 2019 (step size from snr)"))
+    register(Sampler(name="pc", family="gaussian", fn=sample_pc, primary="predictor",
+                     options={"predictor": "reverse-diffusion", "n_steps_each": 1, "snr": 0.16},
+                     description="predictor-corrector, Song et al. 2021 (reverse-diffusion/ancestral + Langevin)"))
+    register(Sampler(name="one-step", family="gaussian", fn=sample_one_step,
+                     description="a single denoiser call from pure noise at t_max (one-step baseline)"))
