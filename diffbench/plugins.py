@@ -55,7 +55,7 @@ def build_registry(extra_plugins=(), *, entry_points_too: bool = True) -> Regist
         if isinstance(plugin, (str, Path)):
             plugins.append((f"file {plugin}", load_file_plugin(plugin)))
         else:
-            plugins.append((getattr(plugin, "__name__", repr(plugin)), plugin))
+            plugins.append((getattr(plugin, "__name__", type(plugin).__name__), plugin))
 
     registry = Registry()
     for label, plugin in plugins:
@@ -65,9 +65,9 @@ def build_registry(extra_plugins=(), *, entry_points_too: bool = True) -> Regist
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"plugin {label}: {exc}") from exc
     for kind in KINDS:
-        # Call each implementation on its own (oldest first) so that every component, and
-        # every error, is attributed to the plugin that registered it.
-        for impl in reversed(getattr(manager.hook, f"register_{kind}").get_hookimpls()):
+        # Call each implementation on its own, in registration order (entry points first), so
+        # that every component, and every error, is attributed to the plugin that registered it.
+        for impl in getattr(manager.hook, f"register_{kind}").get_hookimpls():
             _call_hook(registry, kind, impl.plugin_name, impl.function)
     return registry
 
