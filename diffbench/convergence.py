@@ -46,9 +46,9 @@ DEFAULT_SAMPLERS = {
     "dpm-solver[method=singlestep,order=3]": 3,
     "dpm-solver[order=2]": 2,
     "dpm-solver[order=3]": 3,
-    "dpm-solver-pp[variant=2m]": 2,
-    "dpm-solver-pp[variant=3m]": 3,
-    "dpm-solver-pp[variant=2s]": 2,
+    "dpm-solver++[variant=2m]": 2,
+    "dpm-solver++[variant=3m]": 3,
+    "dpm-solver++[variant=2s]": 2,
 }
 
 

@@ -26,7 +26,7 @@ FAMILIES = {
     "datasets": ("points", "image", "text"),
     "metrics": ("points", "image", "text"),
 }
-_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*\+*$")  # kebab-case; a "++" suffix as in dpm-solver++
 
 
 class Incompatible(Exception):
@@ -50,7 +50,7 @@ class Component:
 
     def __post_init__(self):
         if not _NAME_RE.match(self.name):
-            raise ValueError(f"component name {self.name!r} must be kebab-case (a-z, 0-9, '-')")
+            raise ValueError(f"component name {self.name!r} must be kebab-case (a-z, 0-9, '-', optional '+' suffix)")
         if self.family not in FAMILIES[self.kind]:
             raise ValueError(
                 f"{self.kind[:-1]} {self.name!r}: family {self.family!r} is not one of {FAMILIES[self.kind]}"

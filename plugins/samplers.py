@@ -11,9 +11,9 @@ Notation: x_t = α_t x0 + σ_t ε. Between times t > s, α_{t|s} = α_t/α_s and
 
 NFE (model calls) for ``steps`` = len(timesteps) − 1:
 
-    ddpm, ddim, euler, dpm-solver[method=multistep], dpm-solver-pp 2m/3m   steps
+    ddpm, ddim, euler, dpm-solver[method=multistep], dpm-solver++ 2m/3m   steps
     heun                                                                    2·steps − 1
-    dpm-solver[method=singlestep, order=k], dpm-solver-pp 2s (k = 2)       k·(steps − 1) + 1
+    dpm-solver[method=singlestep, order=k], dpm-solver++ 2s (k = 2)       k·(steps − 1) + 1
     langevin                                                                n_steps_each·steps + 1
     pc                                                                      steps + n_steps_each·(steps − 1)
     one-step                                                                1
@@ -241,7 +241,7 @@ def sample_dpm_solver_pp(denoiser, x, timesteps, *, generator=None, callback=Non
                          lower_order_final=True):
     """DPM-Solver++ (Lu et al. 2022b) with the data prediction x̂0: 2M (Alg. 2), 3M (App. B)
     or the singlestep 2S (Alg. 1)."""
-    _check("dpm-solver-pp", "variant", variant, ("2m", "3m", "2s"))
+    _check("dpm-solver++", "variant", variant, ("2m", "3m", "2s"))
     ei = _ExponentialIntegrator(denoiser, data_prediction=True)
     return _dpm_solve(ei, x, timesteps, int(variant[0]), variant != "2s", lower_order_final, callback)
 
@@ -375,7 +375,7 @@ def register_samplers(register):
                      options={"order": 2, "method": "multistep", "lower_order_final": True},
                      spacing="uniform-logsnr",
                      description="DPM-Solver, Lu et al. 2022 (order 1-3, multistep or singlestep; ε-prediction)"))
-    register(Sampler(name="dpm-solver-pp", family="gaussian", fn=sample_dpm_solver_pp, primary="variant",
+    register(Sampler(name="dpm-solver++", family="gaussian", fn=sample_dpm_solver_pp, primary="variant",
                      options={"variant": "2m", "lower_order_final": True}, spacing="uniform-logsnr",
                      description="DPM-Solver++, Lu et al. 2022b (variant 2m, 3m or 2s; x0-prediction)"))
     register(Sampler(name="euler", family="gaussian", fn=sample_euler, options=dict(churn), spacing="karras",

@@ -35,7 +35,7 @@ def test_fitted_order_matches_theory(convergence, sampler):
 def test_nfe_column_counts_model_calls(convergence):
     _, table = convergence
     nfe = table.set_index(["sampler", "steps"]).nfe
-    assert nfe["ddim", 32] == 32 and nfe["dpm-solver-pp[variant=2m]", 32] == 32
+    assert nfe["ddim", 32] == 32 and nfe["dpm-solver++[variant=2m]", 32] == 32
     assert nfe["heun", 32] == 2 * 32 - 1
     assert nfe["dpm-solver[method=singlestep,order=3]", 32] == 3 * 31 + 1
 
@@ -43,12 +43,12 @@ def test_nfe_column_counts_model_calls(convergence):
 def test_writes_csv_markdown_and_plot(convergence):
     out, table = convergence
     assert pd.read_csv(out / "convergence.csv").shape == table.shape
-    assert "dpm-solver-pp[variant=3m]" in (out / "convergence.md").read_text()
+    assert "dpm-solver++[variant=3m]" in (out / "convergence.md").read_text()
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_third_order_beats_first_order_by_orders_of_magnitude(convergence):
     _, table = convergence
     err = table.set_index(["sampler", "steps"]).error
-    assert err["dpm-solver-pp[variant=3m]", 256] < 1e-2 * err["ddim", 256]
+    assert err["dpm-solver++[variant=3m]", 256] < 1e-2 * err["ddim", 256]
     assert err["dpm-solver[method=singlestep,order=3]", 256] < 1e-3 * err["ddim", 256]

@@ -41,15 +41,15 @@ def sample(name, steps, n=8, process="vp-linear", spacing=None, seed=0, **option
 
 # NFE formulas (see the plugins/samplers.py docstring), for steps = 6 and the default options.
 NFE = {
-    "ddpm": 6, "ddim": 6, "euler": 6, "dpm-solver": 6, "dpm-solver-pp": 6, "heun": 2 * 6 - 1,
+    "ddpm": 6, "ddim": 6, "euler": 6, "dpm-solver": 6, "dpm-solver++": 6, "heun": 2 * 6 - 1,
     "langevin": 5 * 6 + 1, "pc": 6 + 1 * 5, "one-step": 1,
 }
 VARIANTS = [
     ("dpm-solver", {"method": "singlestep", "order": 2}, 2 * 5 + 1),
     ("dpm-solver", {"method": "singlestep", "order": 3}, 3 * 5 + 1),
     ("dpm-solver", {"order": 3}, 6),
-    ("dpm-solver-pp", {"variant": "3m"}, 6),
-    ("dpm-solver-pp", {"variant": "2s"}, 2 * 5 + 1),
+    ("dpm-solver++", {"variant": "3m"}, 6),
+    ("dpm-solver++", {"variant": "2s"}, 2 * 5 + 1),
     ("heun", {"s_churn": 10.0}, 2 * 6 - 1),
     ("pc", {"n_steps_each": 3, "predictor": "ancestral"}, 6 + 3 * 5),
     ("langevin", {"n_steps_each": 2}, 2 * 6 + 1),
@@ -80,7 +80,7 @@ def test_smoke_every_sampler_accepts_every_spacing(name, spacing):
 
 
 @pytest.mark.parametrize("process", ["vp-continuous", "edm", "flow"])
-@pytest.mark.parametrize("name", ["ddim", "heun", "dpm-solver-pp", "dpm-solver"])
+@pytest.mark.parametrize("name", ["ddim", "heun", "dpm-solver++", "dpm-solver"])
 def test_ode_samplers_agree_across_processes(name, process):
     """The samplers only see D and D.process, so they run on VP, EDM and flow alike: with 64 steps
     every sample lands on a mode and the mean log-density is near the data's (−1.13)."""
@@ -98,7 +98,7 @@ def test_one_step_returns_the_denoiser_at_t_max():
 
 def test_callback_sees_every_step():
     seen = []
-    component = REGISTRY.get("samplers", "dpm-solver-pp")
+    component = REGISTRY.get("samplers", "dpm-solver++")
     proc = make_process("vp-linear")
     timesteps = proc.timesteps(5, "uniform-logsnr")
     component.fn(exact_denoiser(MIXTURE, proc), torch.randn(4, 2), timesteps, generator=None, callback=seen.append)
@@ -113,7 +113,7 @@ def test_samples_do_not_depend_on_batch_size():
 
 
 @pytest.mark.parametrize("name,options", [("ddpm", {"variance": "huge"}), ("dpm-solver", {"order": 4}),
-                                          ("dpm-solver-pp", {"variant": "4m"}), ("pc", {"predictor": "euler"})])
+                                          ("dpm-solver++", {"variant": "4m"}), ("pc", {"predictor": "euler"})])
 def test_bad_options_are_config_errors(name, options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         sample(name, 3, **options)
