@@ -1,7 +1,7 @@
 """Guidance for masked diffusion: ``prompt-cfg``, LLaDA's unsupervised classifier-free guidance.
 
 The unconditional model is the same network with the prompt masked out (Nie et al. 2025,
-LLaDA §B.3, after Nie et al. 2024 "Scaling up masked diffusion models on text", eq. 16):
+LLaDA, after Nie et al. 2024, "Scaling up masked diffusion models on text"):
 
     p̃(r_0 | p_0, r_t) ∝ p_θ(r_0 | p_0, r_t)^{1+w} / p_θ(r_0 | m, r_t)^w,
 

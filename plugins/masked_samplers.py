@@ -7,10 +7,10 @@ changes (MDLM's "carry-over unmasking", Sahoo et al. 2024 §3.2.2).
 
 * ``mdlm-ancestral``: the reverse posterior of MDLM (eq. 7): from t to s < t each masked token
   is revealed with probability (α_s − α_t) / (1 − α_t), drawn from the model's distribution.
-* ``llada-lowconf`` / ``llada-random``: LLaDA's sampler (Nie et al. 2025, Alg. 5 and §2.4):
+* ``llada-lowconf`` / ``llada-random``: LLaDA's sampler (Nie et al. 2025, §2.4, Algs. 4-5):
   predict every masked token, keep as many as the schedule says should be unmasked at s
   (the most confident ones, or random ones) and remask the rest; optionally in semi-
-  autoregressive blocks of ``block_length`` tokens, left to right (LLaDA §B.3).
+  autoregressive blocks of ``block_length`` tokens, left to right (LLaDA's semi-AR remasking).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _blocks(start: int, length: int, block_length: int, steps: int) -> list[tupl
 @torch.no_grad()
 def sample_llada(D, x, timesteps, *, generator, callback=None, remasking="low-confidence", temperature=1.0,
                  block_length=0):
-    """LLaDA reverse process with remasking (Nie et al. 2025, Alg. 4/5; block decoding §B.3).
+    """LLaDA reverse process with remasking (Nie et al. 2025, Algs. 4-5, and its block decoding).
 
     Within a block of M0 masked tokens, a round from local time τ_t to τ_s predicts every masked
     token and keeps k = #masked − round(M0 (1 − α(τ_s))) of them — the most confident

@@ -19,6 +19,7 @@ checkpoints are time-independent, so any schedule can be used at sampling time.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import load_checkpoint, save_checkpoint
 from diffbench.denoiser import MaskedDenoiser
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import timestep_embedding
@@ -103,7 +104,18 @@ def low_discrepancy_times(n: int, generator: torch.Generator, device) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# The network: a small bidirectional Transformer (pre-LN, learned positions).
+# The network: a small bidirectional Transformer (pre-LN, rotary positions as in LLaDA's backbone).
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021): rotate feature pairs of x [B, H, L, D] by
+    angles proportional to the position, so q·k depends on relative offsets."""
+    L, D = x.shape[-2], x.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    angles = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * freqs  # [L, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 class Block(nn.Module):
@@ -118,24 +130,23 @@ class Block(nn.Module):
     def forward(self, h):  # h: [B, L, H]
         B, L, H = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-        h = h + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, L, H))  # q, k, v: [B, heads, L, H/heads]
+        a = attention(rotary(q), rotary(k), v)  # [B, heads, L, H/heads], no causal mask: bidirectional
+        h = h + self.proj(a.transpose(1, 2).reshape(B, L, H))
         return h + self.mlp(self.norm2(h))
 
 
 class MaskedTransformer(nn.Module):
     """tokens [B, L] (ids in [0, V], V = mask), t [B] -> logits [B, L, V] over the real tokens."""
 
-    def __init__(self, vocab_size: int, seq_len: int, hidden: int = 64, depth: int = 2, heads: int = 4,
-                 time_cond: bool = False):
+    def __init__(self, vocab_size: int, hidden: int = 64, depth: int = 2, heads: int = 4, time_cond: bool = False):
         super().__init__()
         self.tok = nn.Embedding(vocab_size + 1, hidden)  # + 1: the mask token
-        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, hidden))
         self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) if time_cond else None
         self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size))
 
     def forward(self, tokens, t, cond=None):
-        h = self.tok(tokens) + self.pos[: tokens.shape[1]]  # [B, L, H]
+        h = self.tok(tokens)  # [B, L, H]
         if self.time is not None:
             h = h + self.time(timestep_embedding(1000 * t, h.shape[-1]))[:, None]  # [B, 1, H]
         for block in self.blocks:
@@ -170,7 +181,11 @@ def load_mdlm(dataset, *, device="cpu", schedule="linear", prompt="", checkpoint
     """The trained model as a MaskedDenoiser; ``prompt`` (text) is encoded with the dataset's
     vocabulary and kept as the prefix of every sample."""
     _check_text(dataset)
-    path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, schedule, _arch(arch))
+    arch = _arch(arch)
+    path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, schedule, arch)
+    if not checkpoint and not arch["time_cond"] and not path.with_suffix(".safetensors").exists():
+        # A time-independent x0 predictor serves every schedule (the ELBO does not depend on it).
+        path = checkpoint_path(dataset.name, "linear", arch)
     if not path.with_suffix(".safetensors").exists():
         raise Incompatible(f"no mdlm checkpoint for {dataset.name!r} at {path}.safetensors; "
                            f"run: diffbench train --model mdlm --dataset {dataset.name}")
@@ -179,7 +194,7 @@ def load_mdlm(dataset, *, device="cpu", schedule="linear", prompt="", checkpoint
     if model["signature"] != dataset.info["signature"]:
         raise Incompatible(f"mdlm checkpoint {path.name} was trained on {model['signature']}, "
                            f"not {dataset.info['signature']}")
-    net = MaskedTransformer(model["vocab_size"], model["seq_len"], **_arch(model))
+    net = MaskedTransformer(model["vocab_size"], **_arch(model))
     net.load_state_dict(weights)
     prompt_ids = dataset.info["encode"](prompt) if prompt else None
     if prompt_ids is not None and len(prompt_ids) >= dataset.shape[0]:
@@ -188,28 +203,30 @@ def load_mdlm(dataset, *, device="cpu", schedule="linear", prompt="", checkpoint
                           schedule=make_schedule(schedule), prompt=prompt_ids, name="mdlm")
 
 
-def train_mdlm(dataset, out=None, *, device="cpu", steps=2000, batch_size=128, lr=1e-3, seed=0, progress=True,
+def train_mdlm(dataset, out=None, *, device="cpu", steps=1500, batch_size=128, lr=2e-3, seed=0, progress=True,
                schedule="linear", prompt="", checkpoint="", **arch):
     """Train on the ELBO (module docstring); the markov-text checkpoint takes ~2 min on 2 CPU cores."""
     _check_text(dataset)
     arch = _arch(arch)
     vocab_size, seq_len = dataset.info["vocab_size"], dataset.shape[0]
-    net = MaskedTransformer(vocab_size, seq_len, **arch)
-    denoiser = MaskedDenoiser(net, vocab_size=vocab_size, mask_id=vocab_size, schedule=make_schedule(schedule))
+    net = MaskedTransformer(vocab_size, **arch)
+    sched = make_schedule(schedule)
     x0, _ = dataset.train_set(20000)
     out = out or checkpoint or checkpoint_path(dataset.name, schedule, arch)
 
     def loss_fn(model, batch, labels, generator):
+        denoiser = MaskedDenoiser(model, vocab_size=vocab_size, mask_id=vocab_size, schedule=sched)
         t = low_discrepancy_times(len(batch), generator, batch.device)  # [B]
         u = torch.rand(batch.shape, generator=generator, device=batch.device)  # [B, L]
         return masked_elbo_terms(denoiser, batch, t, u).mean() / seq_len  # nats per token
 
-    # checkpoint_every=steps: no mid-run train-state file, whose name training._state_path makes
-    # collide with the checkpoint's own (it would be deleted at the end of the run).
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.995, checkpoint_every=steps)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.995)
     config = {"dataset": dataset.name, "signature": dataset.info["signature"], "vocab_size": vocab_size,
               "seq_len": seq_len, "schedule": schedule, **arch}
-    train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
+    ema = train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
+    # Written again: training.train's train-state path (out.train-state -> with_suffix) resolves to
+    # the checkpoint's own name, so train() deletes the checkpoint it has just written.
+    save_checkpoint(out, ema.state_dict(), {"model": config, "train": asdict(cfg)})
     return Path(out)
 
 
