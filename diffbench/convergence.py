@@ -29,7 +29,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffbench.denoiser import Denoiser
-from diffbench.gmm import GaussianMixture
+from diffbench.gmm import GaussianMixture, oracle_denoiser
 from diffbench.io import atomic_write_text
 from diffbench.process import GaussianProcess, make_process
 from diffbench.registry import ConfigError
@@ -50,15 +50,6 @@ DEFAULT_SAMPLERS = {
     "dpm-solver++[variant=3m]": 3,
     "dpm-solver++[variant=2s]": 2,
 }
-
-
-def exact_denoiser(mixture: GaussianMixture, process: GaussianProcess) -> Denoiser:
-    """The oracle D(x, t) = E[x0 | x_t] of the mixture under ``process``."""
-    def posterior_mean(x, t, cond):
-        t = t.double()
-        return mixture.posterior_mean(x, process.alpha(t), process.sigma(t))
-
-    return Denoiser(posterior_mean, process, "x0", name="gmm-oracle")
 
 
 def reference_sample(mixture: GaussianMixture, process: GaussianProcess, x_T: torch.Tensor,
@@ -139,7 +130,7 @@ def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFA
     if data.mixture is None:
         raise ConfigError(f"convergence needs a Gaussian-mixture dataset (exact denoiser); {dataset!r} is not one")
     proc = make_process(process)
-    denoiser = exact_denoiser(data.mixture, proc)
+    denoiser = oracle_denoiser(data.mixture, proc)
     x_T = proc.prior_std() * SampleGenerators(seed, range(num_samples)).randn(data.shape, dtype=torch.float64)
     reference = reference_sample(data.mixture, proc, x_T)
 

@@ -65,3 +65,14 @@ class GaussianMixture:
         log_r = torch.log(self.weights) - 0.5 * (log_det + (resid * solved).sum(-1))  # [N, K]
         r = torch.softmax(log_r, dim=1)
         return (r[..., None] * comp_mean).sum(1).to(x_t.dtype)
+
+
+def oracle_denoiser(mixture: GaussianMixture, process, name: str = "gmm-oracle"):
+    """The exact denoiser D(x, t) = E[x0 | x_t] of ``mixture`` under a Gaussian ``process``."""
+    from diffbench.denoiser import Denoiser
+
+    def posterior_mean(x, t, cond):  # x: [B, D], t: [B] in process time
+        t = t.double().cpu()
+        return mixture.posterior_mean(x.cpu(), process.alpha(t), process.sigma(t)).to(x.device)
+
+    return Denoiser(posterior_mean, process, "x0", name=name)

@@ -36,7 +36,8 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 
 
 def _state_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".train-state")
+    """Where the resumable state lives: beside the checkpoint, ``<name>-train-state.safetensors``."""
+    return out.with_name(out.name + "-train-state")
 
 
 def _save_state(out: Path, net, ema, opt, step: int, config: dict) -> None:

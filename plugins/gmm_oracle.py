@@ -6,7 +6,7 @@ only error left in a sample is the sampler's discretisation error.
 from __future__ import annotations
 
 import diffbench
-from diffbench.denoiser import Denoiser
+from diffbench.gmm import oracle_denoiser
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
 
@@ -14,14 +14,7 @@ from diffbench.registry import Incompatible, Model
 def load_gmm_oracle(dataset, *, device="cpu", process="vp-linear"):
     if dataset.mixture is None:
         raise Incompatible(f"gmm-oracle needs a Gaussian-mixture dataset (mog-1d, gmm-2d); {dataset.name!r} is not one")
-    proc = make_process(process)
-    mixture = dataset.mixture
-
-    def posterior_mean(x, t, cond):  # x: [B, D], t: [B] in process time
-        t = t.double().cpu()
-        return mixture.posterior_mean(x.cpu(), proc.alpha(t), proc.sigma(t)).to(x.device)
-
-    return Denoiser(posterior_mean, proc, "x0", name="gmm-oracle")
+    return oracle_denoiser(dataset.mixture, make_process(process))
 
 
 @diffbench.hookimpl

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffbench.convergence import exact_denoiser
+from diffbench.gmm import oracle_denoiser
 from diffbench.denoiser import Denoiser
 from diffbench.plugins import build_registry
 from diffbench.process import SPACINGS, make_process
@@ -29,7 +29,7 @@ def sample(name, steps, n=8, process="vp-linear", spacing=None, seed=0, **option
     component = REGISTRY.get("samplers", name)
     proc = make_process(process)
     calls = []
-    oracle = exact_denoiser(MIXTURE, proc)
+    oracle = oracle_denoiser(MIXTURE, proc)
     denoiser = Denoiser(lambda x, t, c: calls.append(1) or oracle.net(x, t, c), proc, "x0")
     generator = SampleGenerators(seed, range(n))
     options = {**component.options, **options}
@@ -101,7 +101,7 @@ def test_callback_sees_every_step():
     component = REGISTRY.get("samplers", "dpm-solver++")
     proc = make_process("vp-linear")
     timesteps = proc.timesteps(5, "uniform-logsnr")
-    component.fn(exact_denoiser(MIXTURE, proc), torch.randn(4, 2), timesteps, generator=None, callback=seen.append)
+    component.fn(oracle_denoiser(MIXTURE, proc), torch.randn(4, 2), timesteps, generator=None, callback=seen.append)
     assert [info["i"] for info in seen] == list(range(5))
     assert all(info["x"].shape == (4, 2) and info["denoised"].shape == (4, 2) for info in seen)
 
