@@ -19,7 +19,6 @@ checkpoints are time-independent, so any schedule can be used at sampling time.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import MaskedDenoiser
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import timestep_embedding
@@ -224,10 +223,7 @@ def train_mdlm(dataset, out=None, *, device="cpu", steps=1500, batch_size=128, l
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.995)
     config = {"dataset": dataset.name, "signature": dataset.info["signature"], "vocab_size": vocab_size,
               "seq_len": seq_len, "schedule": schedule, **arch}
-    ema = train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
-    # Written again: training.train's train-state path (out.train-state -> with_suffix) resolves to
-    # the checkpoint's own name, so train() deletes the checkpoint it has just written.
-    save_checkpoint(out, ema.state_dict(), {"model": config, "train": asdict(cfg)})
+    train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
     return Path(out)
 
 

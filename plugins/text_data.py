@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import codecs
 import functools
-import math
 import re
 import sysconfig
 from pathlib import Path
