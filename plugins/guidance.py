@@ -118,7 +118,7 @@ def apply_classifier(denoiser, scale: float = 1.0, classifier: str = ""):
 
 @diffbench.hookimpl
 def register_guidance(register):
-    register(Guidance(name="none", family="gaussian", apply=lambda denoiser: denoiser, conditional=False,
+    register(Guidance(name="none", family="any", apply=lambda denoiser: denoiser, conditional=False,
                       description="no guidance: the model's own (conditional, if it is) prediction"))
     register(Guidance(name="cfg", family="gaussian", apply=apply_cfg, primary="scale",
                       options={"scale": 1.0, "sigma_min": 0.0, "sigma_max": math.inf},
