@@ -154,3 +154,19 @@ def test_resume_keeps_finished_cells(cli, tmp_path):
     assert df.loc[3, "wall_s"] == 12345.0 and df.loc[5, "status"] == "ok"
     changed = cli("run", "--steps", "3", "--resume", *args[:-len(SMALL)], "--num-samples", 50, "--quiet")
     assert changed.exit_code == 2 and "run.num_samples" in changed.output
+
+
+def test_families_meet_only_their_own_samplers(tmp_path):
+    """A masked model runs with a masked sampler (and guidance none); a continuous sampler on it,
+    or a masked sampler on a Gaussian model, is skipped with the reason."""
+    registry = build_registry()
+    config = build_config(registry, {"models": ["mdlm", "gmm-oracle"], "samplers": ["mdlm-ancestral", "ddim"],
+                                     "datasets": ["markov-text", "gmm-2d"], "steps": [4], "metrics": ["entropy", "swd"],
+                                     "num_samples": 16, "repeats": 1})
+    df = GridRunner(registry, config, tmp_path / "out", progress=False).run()
+    cells = {(r.model, r.sampler, r.dataset): (r.status, str(r.reason)) for r in df.itertuples()}
+    assert cells["mdlm", "mdlm-ancestral", "markov-text"][0] == "ok"
+    assert cells["gmm-oracle", "ddim", "gmm-2d"][0] == "ok"
+    assert cells["mdlm", "ddim", "markov-text"] == ("skipped", "sampler ddim works on gaussian models; mdlm is a masked model")
+    status, reason = cells["gmm-oracle", "mdlm-ancestral", "gmm-2d"]
+    assert status == "skipped" and "masked models" in reason
