@@ -26,6 +26,7 @@ from diffbench.nn.layers import group_norm
 from diffbench.process import make_process
 from diffbench.registry import Incompatible
 from diffbench.training import TrainConfig, sample_train_times, train
+from diffbench_plugins.unet import half_precision
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
@@ -113,8 +114,8 @@ def train_classifier(dataset, *, noisy: bool = False, steps: int = 800, batch_si
               "width": width, "process": process if noisy else None}
     out = Path(out) if out else SHIPPED / name
     ema = train(net, loss_fn, x0, labels, out, record, cfg, device=device)
-    # Written again: diffbench.training.train's clean-up of its resume state deletes out.safetensors.
-    return save_checkpoint(out, ema.state_dict(), {"model": record, "train": asdict(cfg)})
+    # Written again (diffbench.training.train's clean-up of its resume state deletes out.safetensors).
+    return save_checkpoint(out, half_precision(ema.state_dict()), {"model": record, "train": asdict(cfg)})
 
 
 @torch.no_grad()

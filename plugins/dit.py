@@ -120,8 +120,8 @@ _SIZES = {"S": dict(depth=12, hidden=384, heads=6), "B": dict(depth=12, hidden=7
           "L": dict(depth=24, hidden=1024, heads=16), "XL": dict(depth=28, hidden=1152, heads=16)}
 DIT_CONFIGS = {f"DiT-{size}/{patch}": dict(patch=patch, **dims) for size, dims in _SIZES.items() for patch in (2, 4, 8)}
 DIT_CONFIGS |= {
-    "DiT-tiny/2": dict(patch=2, depth=4, hidden=96, heads=4),
-    "DiT-tiny/4": dict(patch=4, depth=4, hidden=128, heads=4),
+    "DiT-tiny/2": dict(patch=2, depth=4, hidden=64, heads=4),
+    "DiT-tiny/4": dict(patch=4, depth=4, hidden=96, heads=4),
 }
 
 
@@ -132,8 +132,8 @@ def build_dit(config: str, in_channels: int, resolution: int, process, num_class
 DIT_PLUGIN = ImageModelPlugin(
     name="dit", configs=DIT_CONFIGS, build=build_dit,
     dataset_defaults={"digits": "DiT-tiny/2", "shapes": "DiT-tiny/4"}, fallback_config="DiT-S/4",
-    train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 1e-3},
-                    "shapes": {"steps": 1200, "batch_size": 32, "lr": 5e-4}},
+    train_defaults={"digits": {"steps": 1000, "batch_size": 128, "lr": 1e-3},
+                    "shapes": {"steps": 700, "batch_size": 32, "lr": 1e-3}},
 )
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import diffbench
 from diffbench.checkpoints import load_checkpoint, save_checkpoint
-from diffbench.denoiser import Denoiser
+from diffbench.denoiser import Denoiser, _per_sample
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import time_input
 from diffbench.nn.layers import TimeClassEmbedding, group_norm, zero_module
@@ -152,6 +152,30 @@ UNET_CONFIGS = {
 }
 
 
+class ClipDenoised(nn.Module):
+    """Wraps a network so that its implied x0 prediction is clipped to the data range [-1, 1], as
+    the DDPM reference sampler does (``clip_denoised=True``; diffusers' ``clip_sample``). Without
+    it a small ε-model's error at t ≈ T is amplified by σ/α ≈ 150 in x̂0 and ruins the samples."""
+
+    def __init__(self, model: nn.Module, process, parameterization: str):
+        super().__init__()
+        self.model, self.process, self.parameterization = model, process, parameterization
+
+    def forward(self, x, t, cond=None):
+        out = self.model(x, t, cond)
+        a, s = (_per_sample(c, x) for c in (self.process.alpha(t.double()), self.process.sigma(t.double())))
+        if self.parameterization == "eps":
+            x0 = ((x - s * out) / a).clamp(-1, 1)
+            return (x - a * x0) / s
+        x0 = (a * x - s * out).clamp(-1, 1)  # v = α ε − σ x0 (with α² + σ² = 1)
+        return a * (x - a * x0) / s - s * x0
+
+
+def half_precision(state: dict) -> dict:
+    """Floating-point tensors as float16 (shipped checkpoints: half the bytes)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
 @dataclass
 class ImageModelPlugin:
     """Load / train logic shared by the image networks (``unet``, ``dit``).
@@ -169,7 +193,8 @@ class ImageModelPlugin:
     train_defaults: dict  # dataset name -> TrainConfig keyword overrides
 
     def options(self) -> dict:
-        return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": ""}
+        return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": "",
+                "clip_denoised": True}
 
     def _resolve(self, dataset, options: dict) -> dict:
         if dataset.modality != "image":
@@ -210,16 +235,21 @@ class ImageModelPlugin:
                            if k in saved.get("model", {})}}
         net, process, num_classes = self.network(dataset, opts)
         net.load_state_dict(weights)
+        if opts["clip_denoised"]:
+            net = ClipDenoised(net, process, opts["parameterization"])
         denoiser = Denoiser(net.to(device).eval(), process, opts["parameterization"], num_classes=num_classes,
                             null_class=num_classes if num_classes else None, name=self.name)
         denoiser.dataset_name = dataset.name  # lets classifier guidance find <dataset>-noisy-cnn
         return denoiser
 
     def train(self, dataset, out=None, *, device="cpu", steps=None, batch_size=None, lr=None, seed=0,
-              label_dropout=0.1, progress=True, **options) -> Path:
-        """Train with the simple loss (Ho et al. eq. 14) and label dropout for CFG; EMA weights are saved."""
+              label_dropout=0.1, progress=True, init="", **options) -> Path:
+        """Train with the simple loss (Ho et al. eq. 14) and label dropout for CFG; EMA weights are saved.
+        ``init``: start from the weights of this checkpoint (continued training, fresh optimizer)."""
         opts = self._resolve(dataset, options)
         net, process, num_classes = self.network(dataset, opts)
+        if init:
+            net.load_state_dict(load_checkpoint(Path(init).with_suffix(""))[0])
         x0, labels = dataset.train_set()
         defaults = {"steps": 2000, "batch_size": 128, "lr": 1e-3, **self.train_defaults.get(dataset.name, {})}
         given = {"steps": steps, "batch_size": batch_size, "lr": lr}
@@ -233,11 +263,12 @@ class ImageModelPlugin:
             return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
                                   generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
 
-        record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k != "checkpoint"}}
+        record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")}}
         ema = train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device,
                     progress=progress)
-        # Written again: diffbench.training.train's clean-up of its resume state deletes out.safetensors.
-        return save_checkpoint(out, ema.state_dict(), {"model": record, "train": asdict(cfg)})
+        # Written again (diffbench.training.train's clean-up of its resume state deletes out.safetensors),
+        # in float16 to keep the shipped files small; load_state_dict casts back to float32.
+        return save_checkpoint(out, half_precision(ema.state_dict()), {"model": record, "train": asdict(cfg)})
 
     def register(self, register, description: str):
         register(Model(name=self.name, family="gaussian", load=self.load, train=self.train,
@@ -252,7 +283,7 @@ UNET_PLUGIN = ImageModelPlugin(
     name="unet", configs=UNET_CONFIGS, build=build_unet,
     dataset_defaults={"digits": "tiny-8px", "shapes": "tiny"}, fallback_config="small",
     train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
-                    "shapes": {"steps": 1200, "batch_size": 32, "lr": 1e-3}},
+                    "shapes": {"steps": 700, "batch_size": 32, "lr": 2e-3}},
 )
 
 

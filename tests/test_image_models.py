@@ -160,7 +160,7 @@ def test_checkpoint_round_trip_without_pickle(tmp_path, plugin, param):
     den = plugin.load(ds, checkpoint=str(tmp_path / "ckpt"))
     assert den.parameterization == param and den.num_classes == 10 and den.null_class == 10
     weights = load_file(str(out))  # plain tensors, no unpickling
-    assert all(torch.equal(weights[k], v) for k, v in den.net.state_dict().items())
+    assert all(torch.equal(weights[k].float(), v) for k, v in den.net.model.state_dict().items())
     x = torch.randn(4, 1, 8, 8)
     assert torch.isfinite(den(x, 500.0, torch.arange(4))).all() and den.nfe == 1
 
