@@ -18,7 +18,7 @@ from diffbench.data import DataSource
 from diffbench.grid import Cell, RunConfig
 from diffbench.io import atomic_write_bytes, atomic_write_text
 from diffbench.metrics import MetricContext
-from diffbench.nn.attention import use_backend
+from diffbench.nn.attention import effective_backend, use_backend
 from diffbench.registry import Component, ConfigError, Incompatible, Registry
 from diffbench.results import ResultsWriter, load_rows, plot_metrics_vs_nfe, plot_point_samples
 from diffbench.rng import SampleGenerators
@@ -139,7 +139,7 @@ class GridRunner:
         row = {"model": cell.model.label, "sampler": cell.sampler.label, "guidance": cell.guidance.label,
                "dataset": cell.dataset.label, "steps": cell.steps, "spacing": options.get("spacing"),
                "num_samples": self.config.num_samples, "batch_size": self._batch_size(), "seed": self.config.seed,
-               "device": str(self.device), "attention": self.config.attention, "reason": ""}
+               "device": str(self.device), "attention": effective_backend(self.device), "reason": ""}
         try:
             generated, dataset, denoiser = self._generate(cell, sampler, options)
             row.update(self._timing_columns(generated, cell.steps))

@@ -52,17 +52,34 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
-def _triton_kernel(q: torch.Tensor):
-    """The Triton flash-attention function if it can run on q's device, else None (warns once)."""
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return _fall_back_to_sdpa("the tensors are not on CUDA and TRITON_INTERPRET is not 1")
+def triton_unavailable_reason(on_cuda: bool) -> str | None:
+    """Why the Triton kernel cannot run on CUDA (``on_cuda``) or CPU tensors, or None if it can."""
+    if not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "the tensors are not on CUDA and TRITON_INTERPRET is not 1"
     try:
         from diffbench.kernels import attention as kernels
     except ImportError as error:
-        return _fall_back_to_sdpa(f"triton cannot be imported ({error})")
-    if not (q.is_cuda or kernels.INTERPRETED):
+        return f"triton cannot be imported ({error})"
+    if not (on_cuda or kernels.INTERPRETED):
         # TRITON_INTERPRET is read when the kernels are decorated, i.e. at their first import.
-        return _fall_back_to_sdpa("the kernels were imported before TRITON_INTERPRET=1 was set")
+        return "the kernels were imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def effective_backend(device: torch.device) -> str:
+    """The backend that will actually run on ``device`` (what results record)."""
+    if _backend == "triton" and triton_unavailable_reason(device.type == "cuda") is not None:
+        return "sdpa"
+    return _backend
+
+
+def _triton_kernel(q: torch.Tensor):
+    """The Triton flash-attention function if it can run on q's device, else None (warns once)."""
+    reason = triton_unavailable_reason(q.is_cuda)
+    if reason is not None:
+        return _fall_back_to_sdpa(reason)
+    from diffbench.kernels import attention as kernels
+
     return kernels.flash_attention
 
 
