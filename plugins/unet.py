@@ -263,7 +263,8 @@ class ImageModelPlugin:
             return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
                                   generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
 
-        record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")}}
+        record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
+                  **({"init": str(init)} if init else {})}
         ema = train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device,
                     progress=progress)
         # Written again (diffbench.training.train's clean-up of its resume state deletes out.safetensors),

@@ -4,7 +4,7 @@ Tables (FID with the shipped domain extractor, torch-fidelity; N samples vs N he
  1. FID of each shipped model (DDIM, 50 NFE, CFG off) next to pure noise, an under-trained
     checkpoint (trained on the fly, few steps) and the floor (FID between two disjoint real halves).
  2. class-acc (and FID) vs classifier-free guidance scale w ∈ {0, 1, 3}.
- 3. FID vs NFE (10, 20, 50) for ddpm, ddim and dpm-solver++ (when present).
+ 3. FID vs NFE (10, 20, 50) for ddpm, ddim and dpm-solver-pp (when present).
 
     python scripts/image_evidence.py [--num-samples 500] [--datasets digits,shapes] [--models unet,dit]
 """
@@ -21,7 +21,8 @@ from diffbench.metrics import MetricContext
 from diffbench.rng import SampleGenerators
 from diffbench_plugins import samplers as sampler_module
 from diffbench_plugins.dit import DIT_PLUGIN
-from diffbench_plugins.guidance import apply_cfg
+from diffbench_plugins.classifier import checkpoint_path
+from diffbench_plugins.guidance import apply_cfg, apply_classifier
 from diffbench_plugins.image_data import load_digits, load_shapes
 from diffbench_plugins.image_metrics import compute_class_acc, compute_fid
 from diffbench_plugins.unet import UNET_PLUGIN
@@ -30,7 +31,7 @@ DATASETS = {"digits": load_digits, "shapes": load_shapes}
 PLUGINS = {"unet": UNET_PLUGIN, "dit": DIT_PLUGIN}
 SAMPLERS = {"ddpm": (sampler_module.sample_ddpm, "uniform"), "ddim": (sampler_module.sample_ddim, "uniform")}
 if hasattr(sampler_module, "sample_dpm_solver_pp"):
-    SAMPLERS["dpm-solver++"] = (sampler_module.sample_dpm_solver_pp, "uniform-logsnr")
+    SAMPLERS["dpm-solver-pp"] = (sampler_module.sample_dpm_solver_pp, "uniform-logsnr")
 
 
 @torch.no_grad()
@@ -72,6 +73,8 @@ def main():
     parser.add_argument("--datasets", default="digits,shapes")
     parser.add_argument("--models", default="unet,dit")
     parser.add_argument("--undertrained-steps", type=int, default=100)
+    parser.add_argument("--quick-datasets", default="",
+                        help="datasets for which only the shipped models' FID row is computed (CPU budget)")
     parser.add_argument("--out", default="results/reports/image_evidence.md")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -95,6 +98,8 @@ def main():
             den = plugin.load(ds)
             x, labels, nfe, secs = generate(den, ds.shape, n, 50, "ddim")
             rows_main.append((ds_name, f"{model} (shipped)", nfe, fid_of(ds, x, reference, cache)))
+            if ds_name in args.quick_datasets.split(","):
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 plugin.train(ds, Path(tmp) / "under", steps=args.undertrained_steps, progress=False)
                 under = plugin.load(ds, checkpoint=str(Path(tmp) / "under"))
@@ -104,7 +109,12 @@ def main():
             for w in (0.0, 1.0, 3.0):
                 xg, labels, nfe_g, _ = generate(den, ds.shape, n, 50, "ddim", cfg=w)
                 acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))
-                rows_cfg.append((ds_name, model, w, nfe_g, acc, fid_of(ds, xg, reference, cache)))
+                rows_cfg.append((ds_name, model, f"cfg:{w:g}", nfe_g, acc, fid_of(ds, xg, reference, cache)))
+            if checkpoint_path(f"{ds_name}-noisy-cnn").with_suffix(".safetensors").exists():
+                for s in (1.0, 3.0):
+                    xg, labels, nfe_g, _ = generate(apply_classifier(den, s), ds.shape, n, 50, "ddim")
+                    acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))
+                    rows_cfg.append((ds_name, model, f"classifier:{s:g}", nfe_g, acc, fid_of(ds, xg, reference, cache)))
             for sampler in SAMPLERS:
                 for steps in (10, 20, 50):
                     xs, _, nfe_s, secs = generate(den, ds.shape, n, steps, sampler)
@@ -112,8 +122,8 @@ def main():
             print(f"{ds_name}/{model} done", flush=True)
     sections.append("## FID at 50 NFE (DDIM, no guidance) vs baselines\n\n"
                     + md_table(["dataset", "samples from", "NFE", "FID[domain]"], rows_main))
-    sections.append("## Classifier-free guidance (DDIM, 50 steps; one batched NFE per step)\n\n"
-                    + md_table(["dataset", "model", "cfg w", "NFE", "class-acc", "FID[domain]"], rows_cfg))
+    sections.append("## Guidance (DDIM, 50 steps): classifier-free (one batched NFE per step) and classifier\n\n"
+                    + md_table(["dataset", "model", "guidance", "NFE", "class-acc", "FID[domain]"], rows_cfg))
     sections.append("## FID vs NFE (no guidance)\n\n"
                     + md_table(["dataset", "model", "sampler", "NFE", "FID[domain]", "wall s"], rows_nfe))
     out = Path(args.out)
