@@ -249,12 +249,16 @@ def train_consistency_mlp(dataset, out=None, *, device="cpu", method="cd", steps
 # --- sampling ---------------------------------------------------------------------------------
 
 
-def consistency_times(process, steps: int, times="", rho: float = 7.0) -> list[float]:
-    """τ_0 = t_max > τ_1 > ... > τ_{steps−1}: ``times`` ('/'-separated τ_1..τ_{steps−1}) or the first
-    ``steps`` points of a Karras ρ-grid of steps + 1 points from t_max to t_min (its last point,
-    t_min, is where f is the identity: evaluating there would waste a call)."""
+def consistency_times(process, steps: int, times="", t_renoise: float = 0.821, rho: float = 7.0) -> list[float]:
+    """τ_0 = t_max > τ_1 > ... > τ_{steps−1} > t_min: ``times`` ('/'-separated τ_1..τ_{steps−1}), or
+    τ_1 = ``t_renoise`` (the 2-step time CM §6 found by greedy search on CIFAR-10, σ = 0.821) and
+    the rest on a Karras ρ-grid of σ/α from there down to t_min, without t_min itself (f is the
+    identity there: a wasted call)."""
     if times == "" or times is None:
-        return [process.t_max] + process.timesteps(steps + 1, "karras", rho=rho)[1:steps].tolist()
+        s_hi, s_lo = (float(process.sigma(t) / process.alpha(t)) for t in (t_renoise, process.t_min))
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)[:-1]
+        s = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+        return [process.t_max] + process.t_from_lambda(-torch.log(s)).tolist()
     given = [float(v) for v in str(times).split("/")]
     if len(given) != steps - 1 or any(a <= b for a, b in zip([process.t_max] + given, given)):
         raise ConfigError(f"multistep-consistency: times must be {steps - 1} decreasing process times below "
@@ -263,12 +267,13 @@ def consistency_times(process, steps: int, times="", rho: float = 7.0) -> list[f
 
 
 @torch.no_grad()
-def sample_multistep_consistency(denoiser, x, timesteps, *, generator, callback=None, times="", rho=7.0):
+def sample_multistep_consistency(denoiser, x, timesteps, *, generator, callback=None, times="", t_renoise=0.821,
+                                 rho=7.0):
     """Multistep consistency sampling (CM Alg. 1): x̂0 = f(x_T, T); then for each τ_n,
     x_τ = α_τ x̂0 + sqrt(σ_τ² − α_τ² ε²) z and x̂0 = f(x_τ, τ_n), where ε = σ/α at t_min
     (Alg. 1's sqrt(τ_n² − ε²) on EDM). One call per τ: NFE = steps. Uses only len(timesteps)."""
     process = denoiser.process
-    taus = consistency_times(process, len(timesteps) - 1, times, rho)
+    taus = consistency_times(process, len(timesteps) - 1, times, t_renoise, rho)
     eps = float(process.sigma(process.t_min) / process.alpha(process.t_min))
     x0 = denoiser(x, taus[0])
     for i, tau in enumerate(taus[1:], start=1):
@@ -294,6 +299,7 @@ def register_models(register):
 @diffbench.hookimpl
 def register_samplers(register):
     register(Sampler(name="multistep-consistency", family="gaussian", fn=sample_multistep_consistency,
-                     requires=frozenset({"consistency"}), spacing="karras", options={"times": "", "rho": 7.0},
-                     description="multistep consistency sampling, Song et al. 2023 Alg. 1 (times: 't1/t2/..' "
-                                 "or Karras rho-grid; NFE = steps)"))
+                     requires=frozenset({"consistency"}), primary="t_renoise",
+                     options={"times": "", "t_renoise": 0.821, "rho": 7.0},
+                     description="multistep consistency sampling, Song et al. 2023 Alg. 1 (times 't1/t2/..', or "
+                                 "t_renoise then a Karras grid; NFE = steps)"))

@@ -10,8 +10,8 @@ The samplers speak only to ``denoiser.velocity`` in the process's own time, so t
 any Gaussian process (for a flow model they integrate u_θ itself). NFE for ``steps``:
 
     flow-euler      steps
-    flow-heun       2·steps − 1   (the last step, to clean data, is Euler: EDM Alg. 1)
-    flow-midpoint   2·steps
+    flow-heun       2·steps − 1   (the last step, into clean data, is x̂0 = D(x, t): see _solve)
+    flow-midpoint   2·steps − 1
     flow-dopri5     what the step-size controller needed (6 per accepted or rejected step + 2)
 """
 from __future__ import annotations
@@ -57,11 +57,14 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
 
 
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
-    """diffbench.training.train, then the EMA weights written to ``out`` once more: train's state file
-    <out>.train-state loses its suffix in save_checkpoint, so its cleanup unlinks the final checkpoint
-    (and a resume would read a finished checkpoint as a state file; hence resume=False)."""
+    """diffbench.training.train, then the EMA weights written to ``out`` once more, parameters in
+    float16 (half the size on disk; loading casts back to float32). Written again because train's
+    state file <out>.train-state loses its suffix in save_checkpoint, so its cleanup unlinks the
+    final checkpoint (and a resume would read a finished checkpoint as a state file: resume=False)."""
     ema = train(net, loss_fn, x0, None, out, record, cfg, device=device, resume=False, progress=progress)
-    return save_checkpoint(out, ema.state_dict(), {"model": record, "train": asdict(cfg)})
+    params = dict(ema.named_parameters())  # buffers (e.g. σ_data) stay float32
+    weights = {k: v.half() if k in params else v for k, v in ema.state_dict().items()}
+    return save_checkpoint(out, weights, {"model": record, "train": asdict(cfg)})
 
 
 # --- the flow-mlp model ---------------------------------------------------------------------
@@ -116,44 +119,52 @@ def _report(callback, i, x, t):
         callback({"i": i, "x": x, "t": t, "denoised": None})
 
 
-@torch.no_grad()
-def sample_flow_euler(denoiser, x, timesteps, *, generator=None, callback=None):
-    """Euler's method on dx/dt = u(x, t): x_{i+1} = x_i + (t_{i+1} − t_i) u(x_i, t_i)
-    (the rectified-flow sampler of Liu et al. 2023, §2.1)."""
-    ts = timesteps.tolist()
+def _solve(denoiser, x, timesteps, step, callback):
+    """Apply ``step(denoiser, x, t, t_next)`` along the grid. The step into clean data (σ = 0) is
+    x = x̂0 = D(x, t): exactly Euler's step for flow and EDM (x − t·u, resp. x − σ(x − D)/σ), and
+    the DDIM limit where the velocity is singular at clean data (VP: σ' → ∞; VP-discrete's jump to
+    t = −1). It also never asks for the velocity at σ = 0, which is 0/0 for a general process."""
+    process, ts = denoiser.process, timesteps.tolist()
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        x = x + (t_next - t) * denoiser.velocity(x, t)
+        x = denoiser(x, t) if float(process.sigma(t_next)) == 0 else step(denoiser, x, t, t_next)
         _report(callback, i, x, t_next)
     return x
+
+
+def euler_step(denoiser, x, t, t_next):
+    """x + h·u(x, t), h = t_next − t (the rectified-flow sampler of Liu et al. 2023, §2.1)."""
+    return x + (t_next - t) * denoiser.velocity(x, t)
+
+
+def heun_step(denoiser, x, t, t_next):
+    """Explicit trapezoid: Euler predictor, then the mean of the slopes at both ends (EDM Alg. 1)."""
+    h = t_next - t
+    d = denoiser.velocity(x, t)
+    return x + 0.5 * h * (d + denoiser.velocity(x + h * d, t_next))
+
+
+def midpoint_step(denoiser, x, t, t_next):
+    """Explicit midpoint (RK2): x + h·u(x + (h/2)·u(x, t), t + h/2)."""
+    h = t_next - t
+    return x + h * denoiser.velocity(x + 0.5 * h * denoiser.velocity(x, t), t + 0.5 * h)
+
+
+@torch.no_grad()
+def sample_flow_euler(denoiser, x, timesteps, *, generator=None, callback=None):
+    """Euler's method on dx/dt = u(x, t), first order."""
+    return _solve(denoiser, x, timesteps, euler_step, callback)
 
 
 @torch.no_grad()
 def sample_flow_heun(denoiser, x, timesteps, *, generator=None, callback=None):
-    """Heun's method (explicit trapezoid): predict with Euler, correct with the mean of the slopes
-    at both ends. The step to clean data stays Euler, since the velocity there is 0/0 for a
-    general process (as EDM Alg. 1, line 9)."""
-    process, ts = denoiser.process, timesteps.tolist()
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        h = t_next - t
-        d = denoiser.velocity(x, t)
-        x_next = x + h * d
-        if float(process.sigma(t_next)) > 0:
-            x_next = x + 0.5 * h * (d + denoiser.velocity(x_next, t_next))
-        x = x_next
-        _report(callback, i, x, t_next)
-    return x
+    """Heun's method on dx/dt = u(x, t), second order; 2 calls per step, 1 on the step to data."""
+    return _solve(denoiser, x, timesteps, heun_step, callback)
 
 
 @torch.no_grad()
 def sample_flow_midpoint(denoiser, x, timesteps, *, generator=None, callback=None):
-    """The explicit midpoint method (RK2): x_{i+1} = x_i + h·u(x_i + (h/2)·u(x_i, t_i), t_i + h/2)."""
-    ts = timesteps.tolist()
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        h = t_next - t
-        x_mid = x + 0.5 * h * denoiser.velocity(x, t)
-        x = x + h * denoiser.velocity(x_mid, t + 0.5 * h)
-        _report(callback, i, x, t_next)
-    return x
+    """The midpoint method on dx/dt = u(x, t), second order; 2 calls per step, 1 on the step to data."""
+    return _solve(denoiser, x, timesteps, midpoint_step, callback)
 
 
 # Dormand & Prince (1980), RK5(4)7FM: nodes c, stage weights A, 5th-order weights B5 (FSAL: the
@@ -204,9 +215,10 @@ def sample_flow_dopri5(denoiser, x, timesteps, *, generator=None, callback=None,
     process = denoiser.process
     t_start, t_stop = float(timesteps[0]), stop_time(process, t_eps)
     t, h = t_start, (t_stop - t_start) / (len(timesteps) - 1)
+    nfe_start = denoiser.nfe  # the counter is shared across batches: count this solve only
     k1, i = denoiser.velocity(x, t), 0
     while t - t_stop > 1e-12 * (t_start - t_stop):
-        if denoiser.nfe > max_nfe:
+        if denoiser.nfe - nfe_start > max_nfe:
             raise RuntimeError(f"flow-dopri5: more than max_nfe={max_nfe} evaluations (rtol={rtol}, atol={atol})")
         h = max(h, t_stop - t)  # h < 0: never step past t_stop
         x_new, err, k7 = _dopri_step(denoiser.velocity, x, t, h, k1)
@@ -232,9 +244,9 @@ def register_samplers(register):
     register(Sampler(name="flow-euler", family="gaussian", fn=sample_flow_euler,
                      description="Euler on the velocity ODE dx/dt = u(x, t) in process time (NFE = steps)"))
     register(Sampler(name="flow-heun", family="gaussian", fn=sample_flow_heun,
-                     description="Heun (trapezoid) on the velocity ODE; last step Euler (NFE = 2*steps-1)"))
+                     description="Heun (trapezoid) on the velocity ODE; last step x0 (NFE = 2*steps-1)"))
     register(Sampler(name="flow-midpoint", family="gaussian", fn=sample_flow_midpoint,
-                     description="explicit midpoint (RK2) on the velocity ODE (NFE = 2*steps)"))
+                     description="explicit midpoint (RK2) on the velocity ODE; last step x0 (NFE = 2*steps-1)"))
     register(Sampler(name="flow-dopri5", family="gaussian", fn=sample_flow_dopri5, primary="rtol",
                      options={"rtol": 1e-5, "atol": 1e-5, "t_eps": 1e-4, "max_nfe": 10000},
                      description="adaptive Dormand-Prince 5(4) on the velocity ODE (NFE = actual evaluations)"))
