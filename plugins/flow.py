@@ -3,8 +3,9 @@
 Flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) learns the velocity
 u_θ(x_t, t) of the linear path x_t = (1 − t)·x0 + t·ε (``FlowProcess``: α = 1 − t, σ = t) by
 regressing the conditional velocity ε − x0; sampling solves dx/dt = u_θ(x, t) from t = 1 to 0.
-Optional minibatch optimal-transport pairing of noise and data (OT-CFM, Tong et al. 2023)
-straightens the learnt paths, so fewer solver steps are needed.
+Two ways to straighten the learnt paths, so that fewer solver steps are needed: minibatch
+optimal-transport pairing of noise and data (``ot=true``; OT-CFM, Tong et al. 2023) and reflow
+(``reflow=true``; Liu et al. 2023, §2.2: retrain on the pairs (ODE solution, noise) of a trained flow).
 
 The samplers speak only to ``denoiser.velocity`` in the process's own time, so they run on
 any Gaussian process (for a flow model they integrate u_θ itself). NFE for ``steps``:
@@ -30,7 +31,7 @@ from diffbench.registry import Incompatible, Model, Sampler
 from diffbench.training import TrainConfig, train
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
 
-DEFAULTS = {"hidden": 128, "depth": 3, "ot": False}
+DEFAULTS = {"hidden": 128, "depth": 3, "ot": False, "reflow": False}
 
 
 # --- training -------------------------------------------------------------------------------
@@ -44,10 +45,13 @@ def ot_pairing(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, device=x0.device)
 
 
-def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bool = False) -> torch.Tensor:
+def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bool = False,
+                       eps: torch.Tensor | None = None) -> torch.Tensor:
     """Conditional flow matching (Lipman et al. 2023, eq. 23 with σ_min = 0; Liu et al. 2023, eq. 1):
-    E_{t ~ U[0,1], x0, ε} ‖u_θ(x_t, t) − (ε − x0)‖² with x_t = (1 − t) x0 + t ε."""
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    E_{t ~ U[0,1], x0, ε} ‖u_θ(x_t, t) − (ε − x0)‖² with x_t = (1 − t) x0 + t ε. ``eps`` given: a
+    fixed coupling (reflow); otherwise fresh independent noise, re-paired by OT with ``ot``."""
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if ot:
         eps = eps[ot_pairing(x0, eps)]
     t = torch.rand(len(x0), generator=generator, device=x0.device, dtype=x0.dtype)
@@ -70,8 +74,8 @@ def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, pro
 # --- the flow-mlp model ---------------------------------------------------------------------
 
 
-def checkpoint_path(dataset_name: str, ot: bool) -> Path:
-    stem = f"flow-mlp-{dataset_name}" + ("-ot" if ot else "")
+def checkpoint_path(dataset_name: str, ot: bool, reflow: bool = False) -> Path:
+    stem = f"flow-mlp-{dataset_name}" + ("-ot" if ot else "") + ("-reflow" if reflow else "")
     for root in (USER_CACHE, SHIPPED):
         if (root / f"{stem}.safetensors").exists():
             return root / stem
@@ -87,28 +91,46 @@ def _build(dataset, hidden: int, depth: int) -> MLPDenoiserNet:
 def load_flow_mlp(dataset, *, device="cpu", checkpoint="", **options) -> Denoiser:
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    path = Path(checkpoint).with_suffix("") if checkpoint else checkpoint_path(dataset.name, opts["ot"])
+    path = Path(checkpoint).with_suffix("") if checkpoint else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
     if not path.with_suffix(".safetensors").exists():
+        flags = "".join(f" --set {k}=true" for k in ("ot", "reflow") if opts[k])
         raise Incompatible(f"no flow-mlp checkpoint for {dataset.name!r} at {path}.safetensors; run: diffbench "
-                           f"train --model flow-mlp --dataset {dataset.name}" + (" --set ot=true" if opts["ot"] else ""))
+                           f"train --model flow-mlp --dataset {dataset.name}{flags}")
     weights, _ = load_checkpoint(path, device)
     net.load_state_dict(weights)
     return Denoiser(net.to(device).eval(), net.process, "velocity", name="flow-mlp")
 
 
+def reflow_couplings(base: Denoiser, n: int, dim: int, steps: int, seed: int) -> torch.Tensor:
+    """Reflow's training pairs (Liu et al. 2023, Alg. 1): noise ε and the base flow's ODE solution
+    x̂0 = Φ(ε) (flow-heun, ``steps`` steps), stacked as [n, 2, D] = (x̂0, ε)."""
+    eps = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    x0 = sample_flow_heun(base, eps.clone(), base.process.timesteps(steps))
+    return torch.stack([x0, eps], 1)
+
+
 def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=512, lr=2e-3, seed=0, progress=True,
-                   **options) -> Path:
-    """Flow matching on 20k points (OT-CFM with ``ot=true``); ~1–2 min on one CPU thread."""
+                   reflow_steps=32, **options) -> Path:
+    """Flow matching on 20k points (OT-CFM with ``ot=true``); ~1–2 min on one CPU thread. With
+    ``reflow=true``: fine-tune the trained flow (with the same ``ot``) on 20k of its own couplings."""
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    x0, _ = dataset.train_set(20000)
-    out = Path(out) if out else checkpoint_path(dataset.name, opts["ot"])
+    out = Path(out) if out else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
+    if opts["reflow"]:
+        base = load_flow_mlp(dataset, device=device, **{**opts, "reflow": False})
+        data = reflow_couplings(base, 20000, dataset.shape[0], int(reflow_steps), int(seed)).to(device)
+        net.load_state_dict(base.net.state_dict())
+    else:
+        data, _ = dataset.train_set(20000)
 
     def loss_fn(model, batch, labels, generator):
+        if opts["reflow"]:
+            return flow_matching_loss(model, batch[:, 0], generator, eps=batch[:, 1])
         return flow_matching_loss(model, batch, generator, ot=opts["ot"])
 
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995)
-    return fit(net, loss_fn, x0, out, {"dataset": dataset.name, **opts}, cfg, device, progress)
+    record = {"dataset": dataset.name, **opts, **({"reflow_steps": int(reflow_steps)} if opts["reflow"] else {})}
+    return fit(net, loss_fn, data, out, record, cfg, device, progress)
 
 
 # --- ODE samplers ---------------------------------------------------------------------------
@@ -236,7 +258,7 @@ def register_models(register):
     register(Model(name="flow-mlp", family="gaussian", load=load_flow_mlp, train=train_flow_mlp,
                    options={**DEFAULTS, "checkpoint": ""},
                    description="flow matching (velocity on the linear path) with the residual MLP for toy points; "
-                               "ot=true: minibatch OT-CFM"))
+                               "ot=true: minibatch OT-CFM; reflow=true: rectified on its own couplings"))
 
 
 @diffbench.hookimpl

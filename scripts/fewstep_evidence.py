@@ -25,8 +25,8 @@ import pandas as pd  # noqa: E402
 GROUPS = {
     "diffusion": ("mlp,edm-mlp", "dpm-solver++", "1,2,4,8,16,50"),
     "diffusion-heun": ("edm-mlp", "heun", "1,2,3,5,9,25"),
-    "flow-euler": ("flow-mlp,flow-mlp[ot=true]", "flow-euler", "1,2,4,8,16,50"),
-    "flow-heun": ("flow-mlp,flow-mlp[ot=true]", "flow-heun", "1,2,3,5,9,25"),
+    "flow-euler": ("flow-mlp,flow-mlp[ot=true],flow-mlp[reflow=true]", "flow-euler", "1,2,4,8,16,50"),
+    "flow-heun": ("flow-mlp,flow-mlp[ot=true],flow-mlp[reflow=true]", "flow-heun", "1,2,3,5,9,25"),
     "consistency": ("consistency-mlp[method=cd],consistency-mlp[method=ct]",
                     "one-step,multistep-consistency,multistep-consistency:0.3", "1,2,4,8,16,50"),
 }
