@@ -163,6 +163,16 @@ class VPDiscrete(GaussianProcess):
         sigma = torch.rsqrt(1 + torch.exp(-2 * self._log_s(t)))
         return torch.where(t < 0, torch.zeros_like(sigma), sigma)
 
+    def alpha_sigma_derivatives(self, t):
+        """Exact derivatives of the interpolation: with ℓ = log(σ/α) linear on each segment,
+        dα/dt = −α σ² dℓ/dt and dσ/dt = σ α² dℓ/dt (zero at clean data, t < 0)."""
+        t = _as_f64(t)
+        lo = t.clamp(0, self.t_max).floor().long().clamp(max=self.num_steps - 2)
+        slope = self._log_snr_inv[lo + 1] - self._log_snr_inv[lo]
+        a, s = self.alpha(t), self.sigma(t)
+        da, ds = -a * s**2 * slope, s * a**2 * slope
+        return torch.where(t < 0, torch.zeros_like(da), da), torch.where(t < 0, torch.zeros_like(ds), ds)
+
     def t_from_lambda(self, lam) -> torch.Tensor:
         """Inverse of the piecewise-linear λ(t) = −log(σ/α)(t) (k-diffusion's sigma_to_t)."""
         log_s = -_as_f64(lam)

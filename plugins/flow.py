@@ -61,11 +61,9 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
 
 
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
-    """diffbench.training.train, then the EMA weights written to ``out`` once more, parameters in
-    float16 (half the size on disk; loading casts back to float32). Written again because train's
-    state file <out>.train-state loses its suffix in save_checkpoint, so its cleanup unlinks the
-    final checkpoint (and a resume would read a finished checkpoint as a state file: resume=False)."""
-    ema = train(net, loss_fn, x0, None, out, record, cfg, device=device, resume=False, progress=progress)
+    """diffbench.training.train (resumable), then the EMA weights written to ``out`` once more with
+    parameters in float16: half the size on disk; loading casts back to float32."""
+    ema = train(net, loss_fn, x0, None, out, record, cfg, device=device, progress=progress)
     params = dict(ema.named_parameters())  # buffers (e.g. σ_data) stay float32
     weights = {k: v.half() if k in params else v for k, v in ema.state_dict().items()}
     return save_checkpoint(out, weights, {"model": record, "train": asdict(cfg)})

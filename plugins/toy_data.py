@@ -58,7 +58,7 @@ def _draw_checkerboard(n: int, g: torch.Generator):
 def _checkerboard_log_prob(x: torch.Tensor) -> torch.Tensor:
     inside = (x.abs() < 2).all(dim=1)
     cell = torch.floor(x + 2).long()
-    black = (cell[:, 0] + cell[:, 1]) % 2 == 1
+    black = (cell[:, 0] + cell[:, 1]) % 2 == 0  # the squares _draw_checkerboard fills
     return torch.where(inside & black, torch.full_like(x[:, 0], math.log(1 / 8)), torch.full_like(x[:, 0], -math.inf))
 
 

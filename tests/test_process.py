@@ -89,3 +89,21 @@ def test_bad_names_list_the_valid_ones():
         VPDiscrete.linear().timesteps(10, "linear")
     with pytest.raises(ConfigError, match="valid processes"):
         make_process("vp-quadratic")
+
+
+def test_discrete_derivatives_are_one_sided_at_the_grid_end():
+    """At t = 0 a central difference would straddle the jump to clean data (t = −1)."""
+    p = VPDiscrete.linear()
+    h = 1e-6
+    da, ds = p.alpha_sigma_derivatives(torch.tensor([0.0], dtype=torch.float64))
+    assert float(da) == pytest.approx(float((p.alpha(h) - p.alpha(0.0)) / h), rel=1e-4)
+    assert float(ds) == pytest.approx(float((p.sigma(h) - p.sigma(0.0)) / h), rel=1e-4)
+
+
+def test_checkerboard_density_covers_its_own_samples():
+    from diffbench_plugins.toy_data import _checkerboard_log_prob, _draw_checkerboard
+
+    x, _ = _draw_checkerboard(2000, torch.Generator().manual_seed(0))
+    logp = _checkerboard_log_prob(x)
+    assert torch.isfinite(logp).all() and torch.allclose(logp, torch.full_like(logp, math.log(1 / 8)))
+    assert torch.isinf(_checkerboard_log_prob(x + torch.tensor([1.0, 0.0]))).float().mean() > 0.7
