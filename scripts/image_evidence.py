@@ -11,6 +11,7 @@ Tables (FID with the shipped domain extractor, torch-fidelity; N samples vs N he
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,8 +83,8 @@ def main():
     cache = Path(tempfile.mkdtemp(prefix="diffbench-evidence-"))
     sections = [f"# Image models: evidence\n\nFID columns use the shipped domain extractor "
                 f"(`<dataset>-cnn`, torch-fidelity); {n} generated samples vs {n} held-out images. "
-                f"Samples: label i % K, noise from (seed 0, i). Written by `python scripts/image_evidence.py "
-                f"--num-samples {n}`.\n"]
+                f"Samples: label i % K, noise from (seed 0, i). Written by "
+                f"`OMP_NUM_THREADS=1 python scripts/image_evidence.py {' '.join(sys.argv[1:])}`.\n"]
     rows_main, rows_cfg, rows_nfe = [], [], []
     for ds_name in args.datasets.split(","):
         ds = DATASETS[ds_name]()
