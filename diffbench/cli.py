@@ -1,7 +1,6 @@
 """The ``diffbench`` command line: run, list, train, compare, convergence, bench."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -221,6 +220,19 @@ def bench_attention(out_dir):
 
     try:
         run_attention_benchmark(_writable_dir(Path(out_dir)))
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@bench.command("dit-step")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/kernels", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def bench_dit_step(out_dir, batch_size):
+    """End-to-end DiT-XL/2 (256 px, random weights) denoiser step latency: triton vs sdpa attention."""
+    from diffbench.kernels.bench import run_dit_step_benchmark
+
+    try:
+        run_dit_step_benchmark(_writable_dir(Path(out_dir)), batch_size=batch_size)
     except RuntimeError as exc:
         _fail(str(exc))
 

@@ -35,6 +35,13 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
             e.lerp_(p, 1.0 - decay)
 
 
+def half_precision_weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with parameters in float16 (half the size on disk; ``load_state_dict``
+    casts them back to the model's dtype). Buffers keep their dtype."""
+    params = dict(net.named_parameters())
+    return {k: v.half() if k in params and v.is_floating_point() else v for k, v in net.state_dict().items()}
+
+
 def _state_path(out: Path) -> Path:
     """Where the resumable state lives: beside the checkpoint, ``<name>-train-state.safetensors``."""
     return out.with_name(out.name + "-train-state")
@@ -77,8 +84,8 @@ def train(
     resume: bool = True,
     progress: bool = True,
 ) -> torch.nn.Module:
-    """Train ``net`` on (data, labels), write the EMA weights to ``out`` (.safetensors + .json)
-    and return the EMA network. With ``resume``, continues from ``out``'s train-state file."""
+    """Train ``net`` on (data, labels), write the EMA weights to ``out`` (.safetensors + .json,
+    parameters in float16) and return the EMA network. With ``resume``, continues from ``out``'s train-state file."""
     out = Path(out).with_suffix("")
     device = torch.device(device)
     net = net.to(device)
@@ -106,7 +113,7 @@ def train(
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _save_state(out, net, ema, opt, step + 1, config)
 
-    save_checkpoint(out, ema.state_dict(), config)
+    save_checkpoint(out, half_precision_weights(ema), config)
     _state_path(out).with_suffix(".safetensors").unlink(missing_ok=True)
     _state_path(out).with_suffix(".json").unlink(missing_ok=True)
     return ema.eval()

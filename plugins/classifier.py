@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import _per_sample
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.nn.layers import group_norm
 from diffbench.process import make_process
 from diffbench.registry import Incompatible
 from diffbench.training import TrainConfig, sample_train_times, train
-from diffbench_plugins.unet import half_precision
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
@@ -113,9 +111,8 @@ def train_classifier(dataset, *, noisy: bool = False, steps: int = 800, batch_si
     record = {"dataset": dataset.name, "in_channels": x0.shape[1], "num_classes": dataset.num_classes,
               "width": width, "process": process if noisy else None}
     out = Path(out) if out else SHIPPED / name
-    ema = train(net, loss_fn, x0, labels, out, record, cfg, device=device)
-    # Written again (diffbench.training.train's clean-up of its resume state deletes out.safetensors).
-    return save_checkpoint(out, half_precision(ema.state_dict()), {"model": record, "train": asdict(cfg)})
+    train(net, loss_fn, x0, labels, out, record, cfg, device=device)
+    return out.with_suffix(".safetensors")
 
 
 @torch.no_grad()

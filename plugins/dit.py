@@ -7,7 +7,6 @@ guidance), and a linear decoder back to patches. Configs are the paper's DiT-{S,
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

@@ -17,14 +17,13 @@ any Gaussian process (for a flow model they integrate u_θ itself). NFE for ``st
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Sampler
@@ -61,12 +60,9 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
 
 
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
-    """diffbench.training.train (resumable), then the EMA weights written to ``out`` once more with
-    parameters in float16: half the size on disk; loading casts back to float32."""
-    ema = train(net, loss_fn, x0, None, out, record, cfg, device=device, progress=progress)
-    params = dict(ema.named_parameters())  # buffers (e.g. σ_data) stay float32
-    weights = {k: v.half() if k in params else v for k, v in ema.state_dict().items()}
-    return save_checkpoint(out, weights, {"model": record, "train": asdict(cfg)})
+    """diffbench.training.train on unlabelled points; returns the checkpoint path."""
+    train(net, loss_fn, x0, None, out, record, cfg, device=device, progress=progress)
+    return Path(out).with_suffix(".safetensors")
 
 
 # --- the flow-mlp model ---------------------------------------------------------------------

@@ -3,7 +3,6 @@ CIFAR-10 from its binary distribution. Every source holds examples [N, C, H, W] 
 in [-1, 1] with integer class labels (when the data has classes)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch

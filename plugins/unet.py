@@ -11,7 +11,7 @@ with the ``dit`` model.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser, _per_sample
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import time_input
@@ -171,9 +171,6 @@ class ClipDenoised(nn.Module):
         return a * (x - a * x0) / s - s * x0
 
 
-def half_precision(state: dict) -> dict:
-    """Floating-point tensors as float16 (shipped checkpoints: half the bytes)."""
-    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 @dataclass
@@ -265,11 +262,8 @@ class ImageModelPlugin:
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
                   **({"init": str(init)} if init else {})}
-        ema = train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device,
-                    progress=progress)
-        # Written again (diffbench.training.train's clean-up of its resume state deletes out.safetensors),
-        # in float16 to keep the shipped files small; load_state_dict casts back to float32.
-        return save_checkpoint(out, half_precision(ema.state_dict()), {"model": record, "train": asdict(cfg)})
+        train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
+        return out.with_suffix(".safetensors")
 
     def register(self, register, description: str):
         register(Model(name=self.name, family="gaussian", load=self.load, train=self.train,

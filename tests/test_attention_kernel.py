@@ -209,5 +209,36 @@ def test_gpu_benchmark_smoke_writes_tables(compiled_flash_attention, tmp_path):
     assert (tmp_path / f"{gpu_slug()}.csv").exists() and (tmp_path / f"{gpu_slug()}.md").exists()
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_dit_forward_triton_equals_sdpa(compiled_flash_attention, dtype):
+    """A DiT-S/2 forward through the Triton kernel agrees with SDPA within the low-precision rule:
+    its error against an fp32 SDPA forward is at most twice SDPA's own error in that dtype."""
+    from diffbench.nn.attention import use_backend
+    from diffbench.process import VPDiscrete
+    from diffbench_plugins.dit import build_dit
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-S/2", in_channels=4, resolution=32, process=VPDiscrete.linear(), num_classes=10).cuda()
+    x, t, y = torch.randn(4, 4, 32, 32, device="cuda"), torch.full((4,), 300.0, device="cuda"), torch.arange(4).cuda()
+    with torch.no_grad(), use_backend("sdpa"):
+        reference = model(x, t, y)
+        low = model.to(getattr(torch, dtype))
+        sdpa_out = low(x.to(low.x_embedder.weight.dtype), t, y).float()
+    with torch.no_grad(), use_backend("triton"):
+        triton_out = low(x.to(low.x_embedder.weight.dtype), t, y).float()
+    sdpa_error = (sdpa_out - reference).abs().max()
+    assert (triton_out - reference).abs().max() <= 2 * sdpa_error + 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_dit_step_benchmark_needs_cuda(tmp_path):
+    from diffbench.kernels.bench import run_dit_step_benchmark
+
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        run_dit_step_benchmark(tmp_path)
+
+
 if __name__ == "__main__":
     print(json.dumps(interpreter_facts()))

@@ -3,7 +3,6 @@ what happens to bad cells."""
 import json
 
 import pandas as pd
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -170,3 +170,37 @@ def run_attention_benchmark(out_dir: str | Path = "results/kernels", dtype: torc
              f"(torch {torch.__version__}, triton {triton.__version__})")
     (out_dir / f"{gpu_slug()}.md").write_text(_markdown(table, title))
     return table
+
+
+def run_dit_step_benchmark(out_dir: str | Path = "results/kernels", batch_size: int = 32,
+                           dtype: torch.dtype = torch.bfloat16, backends=("triton", "sdpa")) -> pd.DataFrame:
+    """End-to-end denoiser step latency of DiT-XL/2 at 256 px (a 32×32×4 latent, random weights)
+    for each attention backend: CUDA-event median over repeats after warm-up (do_bench).
+    Writes ``<out_dir>/<gpu-slug>-dit-step.csv`` and ``.md``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the DiT step benchmark needs a CUDA GPU; torch.cuda.is_available() is False")
+    import triton
+
+    from diffbench.nn.attention import use_backend
+    from diffbench.process import VPDiscrete
+    from diffbench_plugins.dit import build_dit
+
+    model = build_dit("DiT-XL/2", in_channels=4, resolution=32, process=VPDiscrete.linear(), num_classes=1000)
+    model = model.to("cuda", dtype).eval()
+    x = torch.randn(batch_size, 4, 32, 32, device="cuda", dtype=dtype)
+    t = torch.full((batch_size,), 500.0, device="cuda")
+    y = torch.randint(0, 1000, (batch_size,), device="cuda")
+    rows = []
+    for backend in backends:
+        with use_backend(backend), torch.no_grad():
+            ms = triton.testing.do_bench(lambda: model(x, t, y), return_mode="median")
+        rows.append({"model": "DiT-XL/2", "resolution": 256, "batch": batch_size, "dtype": str(dtype).removeprefix("torch."),
+                     "attention": backend, "step_ms": ms})
+    table = pd.DataFrame(rows)
+    table["speedup_vs_sdpa"] = float(table.loc[table["attention"] == "sdpa", "step_ms"].iloc[0]) / table["step_ms"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / f"{gpu_slug()}-dit-step.csv", index=False)
+    (out_dir / f"{gpu_slug()}-dit-step.md").write_text(
+        f"# DiT-XL/2 denoiser step on {torch.cuda.get_device_name()}\n\n" + table.to_markdown(index=False) + "\n")
+    return table
