@@ -96,12 +96,18 @@ def plot_metrics_vs_nfe(df: pd.DataFrame, metric_columns: dict[str, bool], out_d
         data = ok[ok[column].notna()] if column in ok else ok.iloc[0:0]
         if data.empty:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        # One colour per sampler (+ guidance), one line style per model (+ dataset).
+        colors = {k: plt.cm.tab20(i % 20) for i, k in enumerate(sorted(set(zip(data["sampler"], data["guidance"]))))}
+        styles = {k: ("-", "--", ":", "-.")[i % 4] for i, k in enumerate(sorted(set(zip(data["model"], data["dataset"]))))}
         for (model, sampler, guidance, dataset), group in data.groupby(["model", "sampler", "guidance", "dataset"]):
             group = group.sort_values("nfe")
             label = f"{model} · {sampler}" + ("" if guidance == "none" else f" · {guidance}") + f" · {dataset}"
-            ax.plot(group["nfe"], group[column], marker="o", label=label)
+            ax.plot(group["nfe"], group[column], marker="o", label=label, color=colors[sampler, guidance],
+                    linestyle=styles[model, dataset])
         ax.set_xscale("log")
+        if (data[column] > 0).all():
+            ax.set_yscale("log")
         ax.set_xlabel("NFE (network evaluations per sample)")
         ax.set_ylabel(f"{column} ({'higher' if higher else 'lower'} is better)")
         ax.set_title(f"{column} vs NFE")
