@@ -85,7 +85,13 @@ def markdown_table(df: pd.DataFrame, metric_columns) -> str:
 
 
 def terminal_table(df: pd.DataFrame, metric_columns) -> str:
-    return tabulate(_short(df, metric_columns), headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g")
+    """The ok and failed rows in full; skipped cells counted by reason (results.csv has them all)."""
+    shown = df[df["status"] != "skipped"]
+    text = tabulate(_short(shown, metric_columns), headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g")
+    skipped = df.loc[df["status"] == "skipped", "reason"].value_counts()
+    if len(skipped):
+        text += "\n\nskipped cells:\n" + "\n".join(f"  {n:3d} × {reason}" for reason, n in skipped.items())
+    return text
 
 
 def plot_metrics_vs_nfe(df: pd.DataFrame, metric_columns: dict[str, bool], out_dir: Path) -> list[Path]:
