@@ -15,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from diffbench.registry import ConfigError, Ref, Registry
+from diffbench.registry import ConfigError, Ref, Registry, split_list
 
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
@@ -93,8 +93,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def _as_list(key: str, value: Any) -> list:
     if isinstance(value, str):
-        from diffbench.registry import split_list
-
         return split_list(value)
     if isinstance(value, list):
         return value
