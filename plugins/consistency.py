@@ -33,7 +33,7 @@ from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess
 from diffbench.registry import ConfigError, Incompatible, Model, Sampler
-from diffbench.training import TrainConfig
+from diffbench.training import TrainConfig, train
 from diffbench_plugins.flow import fit
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
 
@@ -193,8 +193,10 @@ class ConsistencyTraining:
     (P_mean = −1.1, P_std = 2), loss λ(σ_i) d(f_θ(x0 + σ_{i+1} z, σ_{i+1}), stopgrad f_θ(x0 + σ_i z, σ_i))
     with λ = 1/(σ_{i+1} − σ_i) and the pseudo-Huber d (§3.2–3.5)."""
 
-    def __init__(self, total_steps: int, s0: int, s1: int, p_mean: float = -1.1, p_std: float = 2.0):
+    def __init__(self, total_steps: int, s0: int, s1: int, p_mean: float = -1.1, p_std: float = 2.0,
+                 label_dropout: float = 0.0, null_class: int | None = None):
         self.total, self.s0, self.s1, self.p_mean, self.p_std = total_steps, s0, s1, p_mean, p_std
+        self.label_dropout, self.null_class = label_dropout, null_class
         self.step = 0
 
     def __call__(self, net, x0, labels, generator):
@@ -205,10 +207,13 @@ class ConsistencyTraining:
         shape = (-1, *([1] * (x0.ndim - 1)))
         s_i, s_next = sigmas[i].reshape(shape), sigmas[i + 1].reshape(shape)
         z = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if labels is not None and self.label_dropout > 0:  # CFG training: the same label for both calls
+            drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         with torch.no_grad():
-            target = net(x0 + s_i * z, s_i.flatten())
+            target = net(x0 + s_i * z, s_i.flatten(), labels)
         weight = 1.0 / (s_next - s_i).flatten()
-        return torch.mean(weight * pseudo_huber(net(x0 + s_next * z, s_next.flatten()), target))
+        return torch.mean(weight * pseudo_huber(net(x0 + s_next * z, s_next.flatten(), labels), target))
 
 
 def load_consistency_mlp(dataset, *, device="cpu", checkpoint="", method="cd", **options) -> Denoiser:
@@ -244,6 +249,64 @@ def train_consistency_mlp(dataset, out=None, *, device="cpu", method="cd", steps
         lr = 1e-3 if lr is None else lr
     out = Path(out).with_suffix("") if out else student_path(dataset.name, method)
     return fit(net, loss_fn, x0, out, record, _train_config(steps, batch_size, lr, seed), device, progress)
+
+
+# --- consistency-unet: iCT with the U-Net of plugins/unet.py ----------------------------------
+
+UNET_DEFAULTS = {"config": "", "class_cond": True, "checkpoint": ""}
+
+
+def _unet_network(dataset, sigma_data: float, config: str, class_cond: bool) -> tuple[PreconditionedNet, str, int]:
+    """PreconditionedNet(U-Net on the EDM process, σ_d, σ_min); config defaults to ``unet``'s for the dataset."""
+    from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
+
+    if dataset.modality != "image":
+        raise Incompatible(f"consistency-unet models images; {dataset.name!r} is {dataset.modality}")
+    config = config or UNET_PLUGIN.dataset_defaults.get(dataset.name, UNET_PLUGIN.fallback_config)
+    if config not in UNET_CONFIGS:
+        raise Incompatible(f"consistency-unet: unknown config {config!r}; valid: {', '.join(UNET_CONFIGS)}")
+    num_classes = dataset.num_classes if class_cond else 0
+    inner = build_unet(config, dataset.shape[0], dataset.shape[-1], EDMProcess(SIGMA_MIN, SIGMA_MAX), num_classes)
+    return PreconditionedNet(inner, sigma_data, SIGMA_MIN), config, num_classes
+
+
+def consistency_unet_path(dataset_name: str) -> Path:
+    return _find(f"consistency-unet-{dataset_name}")
+
+
+def load_consistency_unet(dataset, *, device="cpu", checkpoint="", config="", class_cond=True) -> Denoiser:
+    path = Path(checkpoint).with_suffix("") if checkpoint else consistency_unet_path(dataset.name)
+    if dataset.modality == "image" and not path.with_suffix(".safetensors").exists():
+        raise Incompatible(f"no consistency-unet checkpoint for {dataset.name!r} at {path}.safetensors; run: "
+                           f"diffbench train --model consistency-unet --dataset {dataset.name}")
+    if dataset.modality != "image":
+        raise Incompatible(f"consistency-unet models images; {dataset.name!r} is {dataset.modality}")
+    weights, saved = load_checkpoint(path, device)
+    model = saved.get("model", {})
+    net, _, num_classes = _unet_network(dataset, float(weights["sigma_data"]), model.get("config", config),
+                                        model.get("class_cond", class_cond))
+    net.load_state_dict(weights)
+    return Denoiser(net.to(device).eval(), EDMProcess(SIGMA_MIN, SIGMA_MAX), "consistency", num_classes=num_classes,
+                    null_class=num_classes if num_classes else None, name="consistency-unet")
+
+
+def train_consistency_unet(dataset, out=None, *, device="cpu", steps=3000, batch_size=128, lr=1e-3, seed=0,
+                           progress=True, s0=10, s1=1280, label_dropout=0.1, config="", class_cond=True,
+                           checkpoint="") -> Path:
+    """iCT (``ConsistencyTraining``: no teacher) of the U-Net on the whole training set, σ_d = its std;
+    class-conditional with label dropout for CFG unless class_cond=false."""
+    x0, labels = dataset.train_set()
+    class_cond = str(class_cond).lower() in ("1", "true", "yes")
+    net, config, num_classes = _unet_network(dataset, float(x0.std()), config, class_cond)
+    loss_fn = ConsistencyTraining(int(steps), int(s0), int(s1), label_dropout=float(label_dropout) if num_classes
+                                  else 0.0, null_class=num_classes)
+    record = {"dataset": dataset.name, "method": "ct", "config": config, "class_cond": class_cond, "s0": s0, "s1": s1,
+              "label_dropout": label_dropout}
+    out = Path(out).with_suffix("") if out else consistency_unet_path(dataset.name)
+    cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995,
+                      checkpoint_every=250)
+    train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
+    return out.with_suffix(".safetensors")
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -294,6 +357,10 @@ def register_models(register):
                                "method=cd (distilled from edm-mlp) or ct (iCT)"))
     register(Model(name="edm-mlp", family="gaussian", load=load_edm_mlp, train=train_edm_mlp, options=net_options,
                    description="EDM-preconditioned diffusion MLP for toy points (Karras et al. 2022); the CD teacher"))
+    register(Model(name="consistency-unet", family="gaussian", load=load_consistency_unet,
+                   train=train_consistency_unet, options=UNET_DEFAULTS,
+                   description="consistency model by iCT (no teacher) with the U-Net of plugins/unet.py on EDM; "
+                               "class-conditional with a null class for CFG"))
 
 
 @diffbench.hookimpl

@@ -29,6 +29,7 @@ from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Sampler
 from diffbench.training import TrainConfig, train
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
+from diffbench_plugins.unet import UNET_CONFIGS, ImageModelPlugin, build_unet
 
 DEFAULTS = {"hidden": 128, "depth": 3, "ot": False, "reflow": False}
 
@@ -45,10 +46,16 @@ def ot_pairing(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bool = False,
-                       eps: torch.Tensor | None = None) -> torch.Tensor:
+                       eps: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       label_dropout: float = 0.0, null_class: int | None = None) -> torch.Tensor:
     """Conditional flow matching (Lipman et al. 2023, eq. 23 with σ_min = 0; Liu et al. 2023, eq. 1):
     E_{t ~ U[0,1], x0, ε} ‖u_θ(x_t, t) − (ε − x0)‖² with x_t = (1 − t) x0 + t ε. ``eps`` given: a
-    fixed coupling (reflow); otherwise fresh independent noise, re-paired by OT with ``ot``."""
+    fixed coupling (reflow); otherwise fresh independent noise, re-paired by OT with ``ot``.
+    ``labels``: class-conditional, each replaced by ``null_class`` with probability ``label_dropout``
+    (CFG training, Ho & Salimans 2022); OT re-pairs the noise only, so labels stay with their x0."""
+    if labels is not None and label_dropout > 0:
+        drop = torch.rand(len(labels), generator=generator, device=labels.device) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null_class), labels)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if ot:
@@ -56,7 +63,7 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
     t = torch.rand(len(x0), generator=generator, device=x0.device, dtype=x0.dtype)
     t_ = t.reshape(-1, *([1] * (x0.ndim - 1)))
     x_t = (1 - t_) * x0 + t_ * eps
-    return torch.mean((net(x_t, t, None) - (eps - x0)) ** 2)
+    return torch.mean((net(x_t, t, labels) - (eps - x0)) ** 2)
 
 
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
@@ -125,6 +132,50 @@ def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=51
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995)
     record = {"dataset": dataset.name, **opts, **({"reflow_steps": int(reflow_steps)} if opts["reflow"] else {})}
     return fit(net, loss_fn, data, out, record, cfg, device, progress)
+
+
+# --- the flow-unet model: the U-Net of plugins/unet.py on the flow path --------------------
+
+
+class FlowImagePlugin(ImageModelPlugin):
+    """``unet``'s load/train/checkpoint logic with FlowProcess + velocity by default and the CFM
+    loss above (``ot=true``: minibatch OT pairing). Checkpoint ``flow-unet-<dataset>[-ot]``."""
+
+    def options(self) -> dict:
+        return {**super().options(), "process": "flow", "parameterization": "velocity", "ot": False}
+
+    def checkpoint_path(self, dataset_name: str, opts: dict) -> Path:
+        path = super().checkpoint_path(dataset_name, opts)
+        if not opts.get("ot"):
+            return path
+        for root in (USER_CACHE, SHIPPED):
+            if (root / f"{path.name}-ot.safetensors").exists():
+                return root / f"{path.name}-ot"
+        return USER_CACHE / f"{path.name}-ot"
+
+    def _resolve(self, dataset, options: dict) -> dict:
+        opts = super()._resolve(dataset, options)
+        if opts["process"] != "flow" or opts["parameterization"] != "velocity":
+            raise Incompatible(f"{self.name} is the flow-matching U-Net (process=flow, parameterization=velocity); "
+                               f"for other processes use unet")
+        opts["ot"] = str(opts["ot"]).lower() in ("1", "true", "yes")
+        return opts
+
+    def loss(self, process, opts: dict, num_classes: int, label_dropout: float):
+        ot = opts["ot"]
+
+        def loss_fn(model, batch, labels, generator):
+            return flow_matching_loss(model, batch, generator, ot=ot, labels=labels if num_classes else None,
+                                      label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
+        return loss_fn
+
+
+FLOW_UNET_PLUGIN = FlowImagePlugin(
+    name="flow-unet", configs=UNET_CONFIGS, build=build_unet,
+    dataset_defaults={"digits": "tiny-8px", "shapes": "tiny"}, fallback_config="small",
+    train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
+                    "shapes": {"steps": 700, "batch_size": 32, "lr": 2e-3}},
+)
 
 
 # --- ODE samplers ---------------------------------------------------------------------------
@@ -253,6 +304,8 @@ def register_models(register):
                    options={**DEFAULTS, "checkpoint": ""},
                    description="flow matching (velocity on the linear path) with the residual MLP for toy points; "
                                "ot=true: minibatch OT-CFM; reflow=true: rectified on its own couplings"))
+    FLOW_UNET_PLUGIN.register(register, "flow matching (velocity on the linear path, CFM loss; ot=true: OT-CFM) with "
+                                        "the U-Net of plugins/unet.py; class-conditional with a null class for CFG")
 
 
 @diffbench.hookimpl

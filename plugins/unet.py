@@ -167,6 +167,10 @@ class ClipDenoised(nn.Module):
         if self.parameterization == "eps":
             x0 = ((x - s * out) / a).clamp(-1, 1)
             return (x - a * x0) / s
+        if self.parameterization == "velocity":  # u = α' x0 + σ' ε, x = α x0 + σ ε (any process)
+            da, ds = (_per_sample(c, x) for c in self.process.alpha_sigma_derivatives(t.double()))
+            x0 = ((s * out - ds * x) / (da * s - ds * a)).clamp(-1, 1)
+            return da * x0 + ds * (x - a * x0) / s
         x0 = (a * x - s * out).clamp(-1, 1)  # v = α ε − σ x0 (with α² + σ² = 1)
         return a * (x - a * x0) / s - s * x0
 
@@ -200,13 +204,15 @@ class ImageModelPlugin:
         opts["config"] = opts["config"] or self.dataset_defaults.get(dataset.name, self.fallback_config)
         if opts["config"] not in self.configs:
             raise Incompatible(f"{self.name}: unknown config {opts['config']!r}; valid: {', '.join(self.configs)}")
-        if opts["parameterization"] not in ("eps", "v"):
-            raise Incompatible(f"{self.name}: parameterization must be eps or v, got {opts['parameterization']!r}")
+        if opts["parameterization"] not in ("eps", "v", "velocity"):
+            raise Incompatible(f"{self.name}: parameterization must be eps, v or velocity, "
+                               f"got {opts['parameterization']!r}")
         return opts
 
     def checkpoint_path(self, dataset_name: str, opts: dict) -> Path:
+        keys, base = ("parameterization", "process", "class_cond"), self.options()
         default = (opts["config"] == self.dataset_defaults.get(dataset_name, self.fallback_config)
-                   and (opts["parameterization"], opts["process"], opts["class_cond"]) == ("eps", "vp-linear", True))
+                   and all(opts[k] == base[k] for k in keys))
         stem = f"{self.name}-{dataset_name}" + ("" if default else
                                                 f"-{opts['config'].replace('/', '')}-{opts['parameterization']}-"
                                                 f"{opts['process']}" + ("" if opts["class_cond"] else "-uncond"))
@@ -254,16 +260,21 @@ class ImageModelPlugin:
                           **{k: int(v) if k != "lr" else float(v) for k, v in
                              {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()})
         out = Path(out) if out else self.checkpoint_path(dataset.name, opts)
-        parameterization = opts["parameterization"]
-
-        def loss_fn(model, batch, batch_labels, generator):
-            return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
-                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
+        loss_fn = self.loss(process, opts, num_classes, label_dropout)
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
                   **({"init": str(init)} if init else {})}
         train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
         return out.with_suffix(".safetensors")
+
+    def loss(self, process, opts: dict, num_classes: int, label_dropout: float) -> Callable:
+        """``loss_fn(net, x0, labels, generator)`` for :func:`train` (subclasses swap the objective)."""
+        parameterization = opts["parameterization"]
+
+        def loss_fn(model, batch, batch_labels, generator):
+            return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
+                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
+        return loss_fn
 
     def register(self, register, description: str):
         register(Model(name=self.name, family="gaussian", load=self.load, train=self.train,

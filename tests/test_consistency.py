@@ -88,3 +88,43 @@ def test_few_step_grid_is_deterministic_per_seed_and_skips_models_without_consis
     assert (one_step[0] - one_step[2]).abs().max() > 0.1  # another seed, other samples
     # Multistep with a single step is Alg. 1 without re-noising: the one-step sampler exactly.
     torch.testing.assert_close(_samples(tmp_path / "a", "consistency-mlp", "multistep-consistency", 1), one_step[0])
+
+
+# --- consistency-unet (iCT with the U-Net, shipped for digits) ------------------------------
+
+
+def test_unet_consistency_wrapper_boundary_condition_holds_exactly():
+    from diffbench_plugins.unet import build_unet
+
+    torch.manual_seed(0)
+    inner = build_unet("tiny-8px", 1, 8, EDMProcess(SIGMA_MIN, SIGMA_MAX), 10)
+    with torch.no_grad():  # the U-Net's output conv is zero-initialised: make F far from zero
+        for p in inner.parameters():
+            p.normal_(0, 0.2)
+    f = Denoiser(PreconditionedNet(inner, 0.75, SIGMA_MIN).eval(), EDMProcess(SIGMA_MIN, SIGMA_MAX), "consistency",
+                 num_classes=10, null_class=10)
+    x, labels = 2 * torch.randn(6, 1, 8, 8), torch.arange(6)
+    with torch.no_grad():
+        assert torch.equal(f.conditioned(labels)(x, SIGMA_MIN), x)
+        assert torch.equal(f(x, SIGMA_MIN), x)
+        assert (f.conditioned(labels)(x, 2 * SIGMA_MIN) - x).abs().max() > 1e-4
+
+
+def test_consistency_unet_loads_the_shipped_checkpoint_and_samples():
+    from diffbench.plugins import build_registry
+    from diffbench.rng import SampleGenerators
+    from diffbench_plugins.consistency import sample_multistep_consistency
+
+    registry = build_registry()
+    digits = registry.get("datasets", "digits").load()
+    f = registry.get("models", "consistency-unet").load(digits)
+    assert "consistency" in f.capabilities and f.num_classes == 10
+    x = 2 * torch.randn(8, *digits.shape)
+    with torch.no_grad():
+        assert torch.equal(f(x, SIGMA_MIN), x)  # boundary condition of the trained network
+    cond = f.conditioned(torch.arange(8) % 10)
+    x_t = SIGMA_MAX * torch.randn(8, *digits.shape, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 2, 4):
+        out = sample_multistep_consistency(cond, x_t.clone(), torch.zeros(steps + 1),
+                                           generator=SampleGenerators(0, range(8)))
+        assert out.shape == (8, 1, 8, 8) and torch.isfinite(out).all()

@@ -118,3 +118,35 @@ def test_dopri5_tolerance_trades_nfe_for_accuracy(reference):
     x0 = sample_flow_dopri5(loose, x_T.clone(), FlowProcess().timesteps(16), rtol=1e-4, atol=1e-4)
     assert loose.nfe < tight_nfe
     assert 1e-7 < _rms(x0, x_ref) < 1e-3
+
+
+# --- the image flow model (flow-unet, shipped for digits) -----------------------------------
+
+
+def test_flow_unet_loads_the_shipped_checkpoint_and_samples():
+    from diffbench.plugins import build_registry
+
+    registry = build_registry()
+    digits = registry.get("datasets", "digits").load()
+    denoiser = registry.get("models", "flow-unet").load(digits)
+    assert denoiser.parameterization == "velocity" and isinstance(denoiser.process, FlowProcess)
+    assert denoiser.num_classes == 10 and denoiser.null_class == 10
+    cond = denoiser.conditioned(torch.arange(8) % 10)
+    x = torch.randn(8, *digits.shape, generator=torch.Generator().manual_seed(0))
+    for sampler in (sample_flow_euler, sample_flow_heun):
+        out = sampler(cond, x.clone(), denoiser.process.timesteps(3))
+        assert out.shape == (8, 1, 8, 8) and torch.isfinite(out).all()
+        assert out.abs().max() <= 1.0 + 1e-5  # the last step is the clipped x̂0
+
+
+def test_clip_denoised_velocity_is_exact_when_the_prediction_is_in_range():
+    # ClipDenoised on a velocity net: unchanged where the implied x̂0 = x − t·u is inside [−1, 1].
+    from diffbench_plugins.unet import ClipDenoised
+
+    x0, eps = 0.9 * (2 * torch.rand(4, 1, 8, 8) - 1), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    x = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+    clip = ClipDenoised(lambda x, t, cond: eps - x0, FlowProcess(), "velocity")
+    torch.testing.assert_close(clip(x, t), eps - x0, atol=1e-5, rtol=1e-5)
+    big = ClipDenoised(lambda x, t, cond: eps - 5 * x0, FlowProcess(), "velocity")(x, t)  # x̂0 = 5 x0 + ...
+    assert (x - t[:, None, None, None] * big).abs().max() <= 1.0 + 1e-5
