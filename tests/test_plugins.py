@@ -1,6 +1,7 @@
 """The plugin contract: throwaway plugins, errors that name the plugin, and a real third-party
 package installed with pip and discovered through its entry point."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,11 @@ def test_plugin_file_that_fails_to_import(tmp_path):
 def installed_fixture(tmp_path_factory):
     """pip-install the fixture package into a target directory (a real install, no network)."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "example_plugin"
+    shutil.copytree(FIXTURE, source)  # setuptools builds in place: keep the source tree clean
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(FIXTURE)],
+         "--target", str(target), str(source)],
         check=True, capture_output=True, text=True, cwd=tmp_path_factory.getbasetemp(),
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
