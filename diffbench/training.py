@@ -119,6 +119,12 @@ def train(
     return ema.eval()
 
 
+def train_command(model: str, dataset: str, options: dict, defaults: dict) -> str:
+    """The ``diffbench train`` command that makes the checkpoint for these (non-default) options."""
+    sets = [f"--set {k}={v}" for k, v in options.items() if k in defaults and k != "checkpoint" and v != defaults[k]]
+    return " ".join([f"diffbench train --model {model} --dataset {dataset}", *sets])
+
+
 def sample_train_times(process, n: int, generator: torch.Generator, device) -> torch.Tensor:
     """Training times [n]: uniform step indices for a discrete process (Ho et al. 2020, Alg. 1),
     log-normal σ for EDM (Karras et al. 2022, Table 1), uniform in [t_min, t_max] otherwise."""

@@ -15,7 +15,7 @@ from diffbench.denoiser import Denoiser
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
-from diffbench.training import TrainConfig, denoising_loss, train
+from diffbench.training import TrainConfig, denoising_loss, train, train_command
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
@@ -74,7 +74,7 @@ def load_mlp(dataset, *, device="cpu", checkpoint="", **options):
     path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, opts["parameterization"], opts["process"])
     if not path.with_suffix(".safetensors").exists():
         raise Incompatible(f"no mlp checkpoint for {dataset.name!r} at {path}.safetensors; "
-                           f"run: diffbench train --model mlp --dataset {dataset.name}")
+                           f"run: {train_command('mlp', dataset.name, opts, DEFAULTS)}")
     weights, _ = load_checkpoint(path, device)
     net.load_state_dict(weights)
     return Denoiser(net.to(device).eval(), proc, opts["parameterization"], name="mlp")

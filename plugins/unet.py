@@ -26,7 +26,7 @@ from diffbench.nn.embeddings import time_input
 from diffbench.nn.layers import TimeClassEmbedding, group_norm, zero_module
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
-from diffbench.training import TrainConfig, denoising_loss, train
+from diffbench.training import TrainConfig, denoising_loss, train, train_command
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
@@ -232,7 +232,7 @@ class ImageModelPlugin:
         path = Path(opts["checkpoint"]).with_suffix("") if opts["checkpoint"] else self.checkpoint_path(dataset.name, opts)
         if not path.with_suffix(".safetensors").exists():
             raise Incompatible(f"no {self.name} checkpoint for {dataset.name!r} at {path}.safetensors; "
-                               f"run: diffbench train --model {self.name} --dataset {dataset.name}")
+                               f"run: {train_command(self.name, dataset.name, options, self.options())}")
         weights, saved = load_checkpoint(path, device)
         opts = {**opts, **{k: saved["model"][k] for k in ("config", "process", "parameterization", "class_cond")
                            if k in saved.get("model", {})}}
