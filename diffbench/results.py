@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def plot_point_samples(dataset_name: str, reference, samples: dict[str, Any], ou
         ax.axis("off")
     fig.suptitle(f"{dataset_name}: samples vs data")
     fig.tight_layout()
-    path = out_dir / f"samples_{dataset_name}.png"
+    path = out_dir / f"samples_{re.sub(r'[^A-Za-z0-9.=-]+', '-', dataset_name).strip('-')}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

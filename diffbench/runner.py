@@ -250,9 +250,10 @@ class GridRunner:
                 "samples_per_s": self._batch_size() / g.wall_s}
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
-        if dataset.name not in self._references:
-            self._references[dataset.name] = dataset.reference(max(REFERENCE_SIZE, self.config.num_samples))
-        ref_x, ref_y = self._references[dataset.name]
+        key = cell.dataset.label  # the label: one dataset with two option sets is two references
+        if key not in self._references:
+            self._references[key] = dataset.reference(max(REFERENCE_SIZE, self.config.num_samples))
+        ref_x, ref_y = self._references[key]
         ctx = MetricContext(dataset=dataset, reference=ref_x, reference_labels=ref_y, labels=g.labels,
                             denoiser=denoiser, device=self.device, seed=self.config.seed)
         values, directions = {}, {}
@@ -280,7 +281,7 @@ class GridRunner:
             atomic_write_bytes(samples_dir / f"{cell.slug}.safetensors", save(tensors))
         if dataset.modality == "points":
             label = f"{cell.model.label} · {cell.sampler.label} · {cell.guidance.label} · {cell.steps} steps"
-            self._point_samples.setdefault(dataset.name, {})[label] = g.samples[:2000].cpu()
+            self._point_samples.setdefault(cell.dataset.label, {})[label] = g.samples[:2000].cpu()
         elif dataset.modality == "image":
             from torchvision.utils import save_image
 
@@ -293,5 +294,5 @@ class GridRunner:
     def _plots(self) -> None:
         df = self.writer.frame()
         plot_metrics_vs_nfe(df, self.writer.metric_columns, self.out_dir)
-        for name, samples in self._point_samples.items():
-            plot_point_samples(name, self._references[name][0], samples, self.out_dir)
+        for label, samples in self._point_samples.items():
+            plot_point_samples(label, self._references[label][0], samples, self.out_dir)

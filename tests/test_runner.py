@@ -3,6 +3,7 @@ what happens to bad cells."""
 import json
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -169,3 +170,13 @@ def test_families_meet_only_their_own_samplers(tmp_path):
     assert cells["mdlm", "ddim", "markov-text"] == ("skipped", "sampler ddim works on gaussian models; mdlm is a masked model")
     status, reason = cells["gmm-oracle", "mdlm-ancestral", "gmm-2d"]
     assert status == "skipped" and "masked models" in reason
+
+
+def test_one_dataset_with_two_option_sets_has_two_references(tmp_path):
+    """Metrics compare against the reference of the dataset as configured, not of its name."""
+    both = _run(tmp_path / "both", [], models=["gmm-oracle"], samplers=["ddim"], steps=[4],
+                datasets=["gmm-2d", "gmm-2d[modes=4]"]).set_index("dataset")
+    alone = _run(tmp_path / "alone", [], models=["gmm-oracle"], samplers=["ddim"], steps=[4],
+                 datasets=["gmm-2d[modes=4]"]).set_index("dataset")
+    assert both.loc["gmm-2d[modes=4]", "swd"] == pytest.approx(alone.loc["gmm-2d[modes=4]", "swd"], rel=1e-6)
+    assert (tmp_path / "both" / "out" / "samples_gmm-2d-modes=4.png").is_file()
