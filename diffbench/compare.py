@@ -22,7 +22,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from diffbench.registry import ConfigError
-from diffbench.results import KEY_COLUMNS
+from diffbench.results import KEY_COLUMNS, load_rows
 
 DEFAULT_TOLERANCES = {
     "metrics": {"abs": 1e-3, "rel": 0.02},
@@ -62,9 +62,7 @@ def load_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, bool]]:
     missing = [c for c in KEY_COLUMNS + ["status", "nfe"] if c not in df.columns]
     if missing:
         raise BrokenRun(f"{csv}: missing column {missing[0]!r}")
-    directions = {}
-    if (directory / "results.json").is_file():
-        directions = json.loads((directory / "results.json").read_text()).get("columns", {}).get("metrics", {})
+    directions = load_rows(directory)[1] if (directory / "results.json").is_file() else {}
     return df, directions
 
 

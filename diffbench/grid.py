@@ -15,6 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from diffbench.process import SPACINGS
 from diffbench.registry import ConfigError, Ref, Registry, split_list
 
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
@@ -88,7 +89,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     unknown_tables = sorted(set(data) - {"run"})
     if unknown_tables:
         raise ConfigError(f"{path}: unknown table [{unknown_tables[0]}]; valid tables: [run]")
-    return {f"{k}": v for k, v in data.get("run", {}).items()}
+    return dict(data.get("run", {}))
 
 
 def _as_list(key: str, value: Any) -> list:
@@ -120,6 +121,10 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
             except ConfigError as exc:
                 raise ConfigError(f"run.{kind}: {exc}") from None
         axes[kind] = refs
+    for ref in axes["samplers"]:
+        spacing = dict(ref.options).get("spacing")
+        if spacing is not None and spacing not in SPACINGS:
+            raise ConfigError(f"run.samplers: {ref.label}: unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
 
     steps = []
     for item in _as_list("steps", settings["steps"]):

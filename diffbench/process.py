@@ -58,9 +58,11 @@ class GaussianProcess:
         ds = (self.sigma(t + h) - self.sigma(t - h)) / (2 * h)
         return da, ds
 
-    def prior_std(self) -> float:
-        """Std of x at t_max under unit-variance data: sqrt(α² + σ²) (1 for VP, ≈σ_max for EDM)."""
-        a, s = self.alpha(self.t_max), self.sigma(self.t_max)
+    def prior_std(self, t=None) -> float:
+        """Std of x at t (default t_max) under unit-variance data: sqrt(α² + σ²) (1 for VP, ≈σ_max
+        for EDM), the scale of x_T for a grid that starts at t."""
+        t = self.t_max if t is None else t
+        a, s = self.alpha(t), self.sigma(t)
         return float(torch.sqrt(a**2 + s**2))
 
     def _lambda_range(self) -> tuple[float, float]:
@@ -97,8 +99,9 @@ class GaussianProcess:
             return t_min + (t_max - t_min) * (steps - i - 1 + reaches_data) / (steps + reaches_data)
         if spacing == "trailing":
             return t_min + (t_max - t_min) * (steps - i) / steps
-        if spacing == "quadratic":
-            u = torch.linspace(1.0, 0.0, steps + 1, dtype=F64)[:-1]
+        if spacing == "quadratic":  # like uniform, but evenly spaced in sqrt(t − t_min)
+            u = torch.linspace(1.0, 0.0, steps + reaches_data, dtype=F64)[: steps] if steps > 1 or reaches_data \
+                else _as_f64([1.0])
             return t_min + (t_max - t_min) * u**2
         lam_lo, lam_hi = self._lambda_range()
         if spacing == "uniform-logsnr":

@@ -5,6 +5,7 @@ config.json, env.json, run.log, a PNG of each metric against NFE, and sample pic
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -18,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from diffbench.io import atomic_write_text  # noqa: E402
+from diffbench.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 KEY_COLUMNS = ["model", "sampler", "guidance", "dataset", "steps"]
 BASE_COLUMNS = KEY_COLUMNS + [
@@ -95,6 +96,14 @@ def terminal_table(df: pd.DataFrame, metric_columns) -> str:
     return text
 
 
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Render a figure to PNG bytes and write them atomically (no truncated PNG on interrupt)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_metrics_vs_nfe(df: pd.DataFrame, metric_columns: dict[str, bool], out_dir: Path) -> list[Path]:
     """One PNG per metric: metric against NFE (log axis), a line per model/sampler/guidance/dataset."""
     ok = df[df["status"] == "ok"]
@@ -122,8 +131,7 @@ def plot_metrics_vs_nfe(df: pd.DataFrame, metric_columns: dict[str, bool], out_d
         ax.legend(fontsize=6, loc="best")
         fig.tight_layout()
         path = out_dir / f"plot_{column.replace('[', '_').replace(']', '')}_vs_nfe.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path, dpi=120)
         written.append(path)
     return written
 
@@ -151,6 +159,5 @@ def plot_point_samples(dataset_name: str, reference, samples: dict[str, Any], ou
     fig.suptitle(f"{dataset_name}: samples vs data")
     fig.tight_layout()
     path = out_dir / f"samples_{re.sub(r'[^A-Za-z0-9.=-]+', '-', dataset_name).strip('-')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -5,6 +5,7 @@ tracebacks go to ``run.log``, and ``--resume`` reuses finished rows of an interr
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import traceback
@@ -88,23 +89,27 @@ class GridRunner:
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
         self.device = resolve_device(config.device)
         self.progress = progress
-        self.writer = ResultsWriter(self.out_dir, self._resumable_rows() if resume else None)
+        self.writer = ResultsWriter(self.out_dir)
+        if resume:
+            self._resume()
         self._datasets: dict[str, DataSource | BaseException] = {}
         self._models: dict[tuple[str, str], object] = {}
         self._references: dict[str, tuple] = {}
         self._point_samples: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------
-    def _resumable_rows(self) -> list[dict]:
+    def _resume(self) -> None:
+        """Keep the finished (ok / skipped) rows of an earlier run in out_dir, and its metric directions."""
         if not (self.out_dir / "results.json").exists():
-            return []
+            return
         previous = json.loads((self.out_dir / "config.json").read_text()) if (self.out_dir / "config.json").exists() else {}
         current = self.config.as_dict()
         for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention"):
             if previous.get(key) != current[key]:
                 raise ConfigError(f"cannot --resume in {self.out_dir}: run.{key} was {previous.get(key)!r}, now {current[key]!r}")
-        rows, _ = load_rows(self.out_dir)
-        return [r for r in rows if r["status"] in ("ok", "skipped")]
+        rows, directions = load_rows(self.out_dir)
+        self.writer.rows = [r for r in rows if r["status"] in ("ok", "skipped")]
+        self.writer.metric_columns.update(directions)
 
     def _done(self, cell: Cell) -> bool:
         return any((r["model"], r["sampler"], r["guidance"], r["dataset"], r["steps"]) == cell.key for r in self.writer.rows)
@@ -205,7 +210,7 @@ class GridRunner:
 
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
             generators = SampleGenerators(self.config.seed, indices, self.device)
-            x_T = self._initial(denoiser, dataset, generators)
+            x_T = self._initial(denoiser, dataset, generators, timesteps[0])
             labels = self._labels(denoiser, indices)
             bound = denoiser.conditioned(labels) if labels is not None else denoiser
             with torch.no_grad():
@@ -231,10 +236,10 @@ class GridRunner:
                               summarize(model_times)[0], memory.peak_mb)
         return generated, dataset, base
 
-    def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators) -> torch.Tensor:
-        """x_T: N(0, prior_std²) for Gaussian models, all-mask tokens for masked models."""
+    def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
+        """x_T: N(0, prior_std(t_start)²) for Gaussian models, all-mask tokens for masked models."""
         if denoiser.family == "gaussian":
-            return generators.randn(dataset.shape) * denoiser.process.prior_std()
+            return generators.randn(dataset.shape) * denoiser.process.prior_std(t_start)
         return torch.full((len(generators), *dataset.shape), denoiser.mask_id, dtype=torch.long, device=self.device)
 
     def _labels(self, denoiser, indices: range) -> torch.Tensor | None:
@@ -285,8 +290,9 @@ class GridRunner:
         elif dataset.modality == "image":
             from torchvision.utils import save_image
 
-            samples_dir.mkdir(parents=True, exist_ok=True)
-            save_image((g.samples[:64].float().cpu() + 1) / 2, samples_dir / f"{cell.slug}.png", nrow=8)
+            buffer = io.BytesIO()
+            save_image((g.samples[:64].float().cpu() + 1) / 2, buffer, format="png", nrow=8)
+            atomic_write_bytes(samples_dir / f"{cell.slug}.png", buffer.getvalue())
         elif dataset.modality == "text" and "decode" in dataset.info:
             text = "\n".join(dataset.info["decode"](seq) for seq in g.samples[:32].cpu())
             atomic_write_text(samples_dir / f"{cell.slug}.txt", text + "\n")

@@ -25,7 +25,7 @@ import math
 import torch
 
 import diffbench
-from diffbench.registry import ConfigError, Sampler
+from diffbench.registry import ConfigError, Incompatible, Sampler
 
 
 def _report(callback, i, x, t, denoised):
@@ -225,6 +225,13 @@ def _dpm_solve(ei, x, timesteps, order, multistep, lower_order_final, callback):
     return x
 
 
+def _require_signal_at_start(name: str, process, timesteps) -> None:
+    """Samplers that divide by α(t) cannot start where α = 0 (the flow path's t = 1)."""
+    if float(process.alpha(timesteps[0])) == 0.0:
+        raise Incompatible(f"{name} divides by α(t) and this grid starts at t={float(timesteps[0]):g} where "
+                           f"α = 0 ({process.name}); use spacing karras or uniform-logsnr")
+
+
 @torch.no_grad()
 def sample_dpm_solver(denoiser, x, timesteps, *, generator=None, callback=None, order=2, method="multistep",
                       lower_order_final=True):
@@ -232,6 +239,7 @@ def sample_dpm_solver(denoiser, x, timesteps, *, generator=None, callback=None, 
     (Alg. 1–2: ``order`` model calls per step) or multistep (one call per step, 2022b App. B)."""
     _check("dpm-solver", "order", order, (1, 2, 3))
     _check("dpm-solver", "method", method, ("multistep", "singlestep"))
+    _require_signal_at_start("dpm-solver", denoiser.process, timesteps)
     ei = _ExponentialIntegrator(denoiser, data_prediction=False)
     return _dpm_solve(ei, x, timesteps, order, method == "multistep", lower_order_final, callback)
 
@@ -256,6 +264,7 @@ def _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_
     """EDM Alg. 2 (stochastic; Alg. 1 when s_churn = 0); ``second_order=False`` drops the
     Heun correction (lines 9–11), leaving Euler. No correction on the last step to σ̃ = 0."""
     process = denoiser.process
+    _require_signal_at_start("heun" if second_order else "euler", process, timesteps)
     sigmas = (process.sigma(timesteps) / process.alpha(timesteps)).tolist()  # σ̃_i, 0 at clean data
     alphas = process.alpha(timesteps).tolist()
     steps = len(timesteps) - 1

@@ -60,3 +60,9 @@ def test_list_shows_every_kind_with_descriptions(cli):
 def test_train_unknown_model(cli):
     result = cli("train", "--model", "nope", "--dataset", "moons")
     assert result.exit_code == 2 and "unknown model 'nope'" in result.output and "mlp" in result.output
+
+
+def test_unknown_spacing_is_bad_input(cli):
+    result = cli("run", "--models", "gmm-oracle", "--samplers", "ddim[spacing=karas]", "--steps", "3",
+                 "--datasets", "gmm-2d")
+    assert result.exit_code == 2 and "unknown spacing 'karas'" in result.output and "karras" in result.output

@@ -180,3 +180,11 @@ def test_one_dataset_with_two_option_sets_has_two_references(tmp_path):
                  datasets=["gmm-2d[modes=4]"]).set_index("dataset")
     assert both.loc["gmm-2d[modes=4]", "swd"] == pytest.approx(alone.loc["gmm-2d[modes=4]", "swd"], rel=1e-6)
     assert (tmp_path / "both" / "out" / "samples_gmm-2d-modes=4.png").is_file()
+
+
+def test_resume_keeps_metric_directions_for_compare(cli, tmp_path):
+    out = tmp_path / "r"
+    args = ["--models", "gmm-oracle", "--datasets", "gmm-2d", "--metrics", "swd", "--steps", "3", "--out", out, *SMALL]
+    assert cli("run", "--samplers", "ddim", *args).exit_code == 0
+    assert cli("run", "--samplers", "ddim,mdlm-ancestral", "--resume", *args).exit_code == 0
+    assert json.loads((out / "results.json").read_text())["columns"]["metrics"] == {"swd": False}

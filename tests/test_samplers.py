@@ -142,3 +142,15 @@ def test_stochastic_samplers_approach_the_data_distribution(truth, name, options
     (logp_10, swd_10), (logp_100, swd_100) = result[10], result[100]
     assert abs(logp_100 - true_logp) < 0.5 * abs(logp_10 - true_logp), result
     assert swd_100 < 0.1 and swd_100 < swd_10, result
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm-solver"])
+def test_samplers_that_divide_by_alpha_refuse_a_grid_starting_at_zero_signal(name):
+    """On the flow path α(1) = 0: the uniform grid starts there, so these samplers skip the cell."""
+    from diffbench.process import FlowProcess
+    from diffbench.registry import Incompatible
+
+    process = FlowProcess()
+    d = oracle_denoiser(_gmm_2d(), process)
+    with pytest.raises(Incompatible, match="α = 0"):
+        REGISTRY.get("samplers", name).fn(d, torch.randn(4, 2), process.timesteps(4, "uniform"), generator=None)
