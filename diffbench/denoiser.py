@@ -39,6 +39,24 @@ class CallStats:
     def reset(self) -> None:
         self.nfe, self.model_seconds, self._cuda_events = 0, 0.0, []
 
+    def timed_call(self, net: Callable, x: torch.Tensor, t, cond):
+        """One counted network call ``net(x, t_batch, cond)`` with t broadcast to the batch as
+        float32; its time is recorded with CUDA events (read later, no sync) or perf_counter."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t_batch = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(device=x.device, dtype=torch.float32)
+        self.nfe += 1
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = net(x, t_batch, cond)
+            end.record()
+            self._cuda_events.append((start, end))
+            return out
+        tic = time.perf_counter()
+        out = net(x, t_batch, cond)
+        self.model_seconds += time.perf_counter() - tic
+        return out
+
     def model_time(self) -> float:
         """Seconds spent in the network; CUDA events are read only here (no per-step sync)."""
         if self._cuda_events:
@@ -99,21 +117,7 @@ class Denoiser:
 
     def raw(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """One counted network call at time t (broadcast to the batch)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t_batch = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(device=x.device, dtype=torch.float32)
-        cond = self.cond if cond is None else cond
-        self.stats.nfe += 1
-        if x.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = self.net(x, t_batch, cond)
-            end.record()
-            self.stats._cuda_events.append((start, end))
-            return out
-        tic = time.perf_counter()
-        out = self.net(x, t_batch, cond)
-        self.stats.model_seconds += time.perf_counter() - tic
-        return out
+        return self.stats.timed_call(self.net, x, t, self.cond if cond is None else cond)
 
     def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         return self.to_x0(x, t, self.raw(x, t, cond))
@@ -180,10 +184,5 @@ class MaskedDenoiser:
     conditioned = Denoiser.conditioned
 
     def __call__(self, tokens: torch.Tensor, t, cond=None) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t_batch = (t.expand(tokens.shape[0]) if t.ndim == 0 else t).to(device=tokens.device, dtype=torch.float32)
-        self.stats.nfe += 1
-        tic = time.perf_counter()
-        logits = self.net(tokens, t_batch, self.cond if cond is None else cond)
-        self.stats.model_seconds += time.perf_counter() - tic
-        return logits.float()
+        """Logits [B, L, V] (float32): one counted network call."""
+        return self.stats.timed_call(self.net, tokens, t, self.cond if cond is None else cond).float()

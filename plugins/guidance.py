@@ -67,8 +67,8 @@ class CFGDenoiser(_GuidedDenoiser):
 class ClassifierGuidedDenoiser(_GuidedDenoiser):
     """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 / eq. 14): ε̃ = ε̂ − s·σ_t·∇x log p_φ(y | x_t),
     i.e. x̃0 = x̂0 + s·(σ_t²/α_t)·∇x log p_φ(y | x_t), with a noise-conditional classifier p_φ trained
-    on the same process. The classifier's gradient is not a model NFE; its time is counted in
-    ``stats.model_seconds`` with the network's."""
+    on the same process. The classifier's gradient is not a model NFE, and its time shows in the
+    table's overhead_ms (wall minus network time), not in the network's time."""
 
     def __init__(self, base: Denoiser, classifier, scale: float):
         super().__init__(base, f"classifier{scale:g}")
