@@ -119,6 +119,15 @@ def train(
     return ema.eval()
 
 
+def drop_labels(labels, p: float, null_class: int | None, generator: torch.Generator):
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes ``null_class``
+    with probability ``p``. ``labels`` None or ``p`` = 0: unchanged (and no random draw)."""
+    if labels is None or p <= 0:
+        return labels
+    drop = torch.rand(len(labels), generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 def train_command(model: str, dataset: str, options: dict, defaults: dict) -> str:
     """The ``diffbench train`` command that makes the checkpoint for these (non-default) options."""
     sets = [f"--set {k}={v}" for k, v in options.items() if k in defaults and k != "checkpoint" and v != defaults[k]]
@@ -169,8 +178,6 @@ def denoising_loss(net, process, parameterization: str, x0, labels, generator, l
     from diffbench.denoiser import _per_sample
 
     x_t = _per_sample(process.alpha(t), x0) * x0 + _per_sample(process.sigma(t), x0) * eps
-    if labels is not None and label_dropout > 0:
-        drop = torch.rand(len(labels), generator=generator, device=labels.device) < label_dropout
-        labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    labels = drop_labels(labels, label_dropout, null_class, generator)
     target = regression_target(parameterization, process, t, x0, eps)
     return torch.mean((net(x_t, t.float(), labels) - target) ** 2)

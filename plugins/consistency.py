@@ -33,7 +33,7 @@ from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess
 from diffbench.registry import ConfigError, Incompatible, Model, Sampler
-from diffbench.training import TrainConfig, train
+from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.flow import fit
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
 
@@ -207,9 +207,7 @@ class ConsistencyTraining:
         shape = (-1, *([1] * (x0.ndim - 1)))
         s_i, s_next = sigmas[i].reshape(shape), sigmas[i + 1].reshape(shape)
         z = torch.randn(x0.shape, generator=generator, device=x0.device)
-        if labels is not None and self.label_dropout > 0:  # CFG training: the same label for both calls
-            drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        labels = drop_labels(labels, self.label_dropout, self.null_class, generator)  # the same for both calls
         with torch.no_grad():
             target = net(x0 + s_i * z, s_i.flatten(), labels)
         weight = 1.0 / (s_next - s_i).flatten()

@@ -27,7 +27,7 @@ from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Sampler
-from diffbench.training import TrainConfig, train
+from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
 from diffbench_plugins.unet import UNET_CONFIGS, ImageModelPlugin, build_unet
 
@@ -53,9 +53,7 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
     fixed coupling (reflow); otherwise fresh independent noise, re-paired by OT with ``ot``.
     ``labels``: class-conditional, each replaced by ``null_class`` with probability ``label_dropout``
     (CFG training, Ho & Salimans 2022); OT re-pairs the noise only, so labels stay with their x0."""
-    if labels is not None and label_dropout > 0:
-        drop = torch.rand(len(labels), generator=generator, device=labels.device) < label_dropout
-        labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    labels = drop_labels(labels, label_dropout, null_class, generator)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if ot:
