@@ -48,6 +48,18 @@ def _call(component: Component, fn, *args, **kwargs):
         raise CellFailure(component, exc) from exc
 
 
+def _cached(cache: dict, key, load):
+    """Load once per run; a load that is Incompatible or fails is remembered and re-raised too."""
+    if key not in cache:
+        try:
+            cache[key] = load()
+        except (Incompatible, CellFailure) as exc:
+            cache[key] = exc
+    if isinstance(cache[key], BaseException):
+        raise cache[key]
+    return cache[key]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,8 +104,7 @@ class GridRunner:
         self.writer = ResultsWriter(self.out_dir)
         if resume:
             self._resume()
-        self._datasets: dict[str, DataSource | BaseException] = {}
-        self._models: dict[tuple[str, str], object] = {}
+        self._loaded: dict[tuple, object] = {}  # datasets and models (or why they could not load)
         self._references: dict[str, tuple] = {}
         self._point_samples: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -168,30 +179,15 @@ class GridRunner:
         return min(self.config.batch_size or self.config.num_samples, self.config.num_samples)
 
     def _dataset(self, ref) -> DataSource:
-        if ref.label not in self._datasets:
-            component = self.registry.get("datasets", ref.name)
-            try:
-                self._datasets[ref.label] = _call(component, component.load, **self.registry.options("datasets", ref))
-            except (Incompatible, CellFailure) as exc:
-                self._datasets[ref.label] = exc
-        value = self._datasets[ref.label]
-        if isinstance(value, BaseException):
-            raise value
-        return value
+        component = self.registry.get("datasets", ref.name)
+        return _cached(self._loaded, ("dataset", ref.label),
+                       lambda: _call(component, component.load, **self.registry.options("datasets", ref)))
 
     def _model(self, ref, dataset_ref, dataset: DataSource):
-        key = (ref.label, dataset_ref.label)
-        if key not in self._models:
-            component = self.registry.get("models", ref.name)
-            options = self.registry.options("models", ref)
-            try:
-                self._models[key] = _call(component, component.load, dataset, device=self.device, **options)
-            except (Incompatible, CellFailure) as exc:
-                self._models[key] = exc
-        value = self._models[key]
-        if isinstance(value, BaseException):
-            raise value
-        return value
+        component = self.registry.get("models", ref.name)
+        return _cached(self._loaded, ("model", ref.label, dataset_ref.label),
+                       lambda: _call(component, component.load, dataset, device=self.device,
+                                     **self.registry.options("models", ref)))
 
     def _generate(self, cell: Cell, sampler: Component, options: dict):
         dataset = self._dataset(cell.dataset)
