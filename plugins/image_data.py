@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +71,15 @@ def _resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def _read_image(path: Path, channels: int) -> torch.Tensor:
+    """uint8 [C, H, W] through Pillow (torchvision's image decoding is deprecated since 0.29)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+
+
 def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> DataSource:
     """Every image under ``path`` (recursively). If images sit in subfolders, each subfolder is a
     class (sorted names); otherwise the set is unlabelled."""
@@ -78,15 +88,12 @@ def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> Data
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"image-folder: option 'path' = {path!r} is not a directory")
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ConfigError(f"image-folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     class_names = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     labelled = bool(class_names) and all(p.parent != root for p in files)
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    images = torch.stack([_resize_square(decode_image(read_file(str(p)), mode=mode), size) for p in files])
+    images = torch.stack([_resize_square(_read_image(p, channels), size) for p in files])
     x = (images / 127.5 - 1).clamp(-1, 1)
     labels = (torch.tensor([class_names.index(p.relative_to(root).parts[0]) for p in files]) if labelled else None)
     return DataSource(name="image-folder", modality="image", shape=tuple(x.shape[1:]), examples=x, labels=labels,

@@ -53,13 +53,13 @@ def test_cifar10_binary_parsing(tmp_path):
 
 
 def test_image_folder_with_class_subfolders(tmp_path):
-    from torchvision.io import write_png
+    from PIL import Image
 
     for k, name in enumerate(["cats", "dogs"]):
         (tmp_path / name).mkdir()
         for i in range(3):
-            img = torch.full((3, 20, 24), 40 + 100 * k, dtype=torch.uint8)
-            write_png(img, str(tmp_path / name / f"{i}.png"))
+            img = torch.full((20, 24, 3), 40 + 100 * k, dtype=torch.uint8)  # [H, W, C], 20×24: cropped to 20×20
+            Image.fromarray(img.numpy()).save(tmp_path / name / f"{i}.png")
     ds = image_data.load_image_folder(str(tmp_path), size=16)
     assert ds.examples.shape == (6, 3, 16, 16) and ds.num_classes == 2
     assert torch.equal(ds.labels, torch.tensor([0, 0, 0, 1, 1, 1]))
