@@ -35,23 +35,26 @@ class DataSource:
         if (self.draw is None) == (self.examples is None):
             raise ValueError(f"dataset {self.name!r}: give exactly one of draw or examples")
 
-    def _split(self) -> torch.Tensor:
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference indices, training indices) of a finite set: a fixed permutation split in half
+        when the reference is held out, else the whole permutation for both."""
         perm = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(TRAIN_SEED))
-        return perm
+        if not self.reference_is_held_out:
+            return perm, perm
+        half = len(self.examples) // 2
+        return perm[:half], perm[half:]
 
     def train_set(self, n: int = 20000) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training examples: n fresh draws, or the finite set minus its reference half."""
         if self.draw is not None:
             return self.draw(n, torch.Generator().manual_seed(TRAIN_SEED))
-        idx = self._split()[len(self.examples) // 2 :] if self.reference_is_held_out else self._split()
-        return self._take(idx)
+        return self._take(self._split()[1])
 
     def reference(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """n held-out reference examples (deterministic); fewer if the finite set is smaller."""
         if self.draw is not None:
             return self.draw(n, torch.Generator().manual_seed(REFERENCE_SEED))
-        half = self._split()[: len(self.examples) // 2] if self.reference_is_held_out else self._split()
-        return self._take(half[:n])
+        return self._take(self._split()[0][:n])
 
     @property
     def reference_is_held_out(self) -> bool:
