@@ -132,7 +132,7 @@ def list_(kind, plugins):
         _fail(str(exc))
     for k in [kind] if kind else KINDS:
         rows = [{"name": c.name, "family": c.family, "description": c.description,
-                 "options": ", ".join(f"{o}={v!r}" for o, v in c.options.items()), "plugin": c.plugin.split(" (")[0]}
+                 "options": ", ".join(f"{o}={spec.describe()}" for o, spec in c.specs.items()), "plugin": c.plugin.split(" (")[0]}
                 for c in registry.all(k)]
         click.echo(f"\n{k} ({len(rows)})")
         click.echo(tabulate(rows, headers="keys", tablefmt="simple", maxcolwidths=[None, None, 60, 40, None]))

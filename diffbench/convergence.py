@@ -126,7 +126,7 @@ def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFA
 
     registry = build_registry()
     source = registry.get("datasets", dataset)
-    data = source.load(**source.options)
+    data = source.load(**source.defaults)
     if data.mixture is None:
         raise ConfigError(f"convergence needs a Gaussian-mixture dataset (exact denoiser); {dataset!r} is not one")
     proc = make_process(process)

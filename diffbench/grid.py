@@ -15,7 +15,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from diffbench.process import SPACINGS
 from diffbench.registry import ConfigError, Ref, Registry, split_list
 
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
@@ -121,10 +120,6 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
             except ConfigError as exc:
                 raise ConfigError(f"run.{kind}: {exc}") from None
         axes[kind] = refs
-    for ref in axes["samplers"]:
-        spacing = dict(ref.options).get("spacing")
-        if spacing is not None and spacing not in SPACINGS:
-            raise ConfigError(f"run.samplers: {ref.label}: unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
 
     steps = []
     for item in _as_list("steps", settings["steps"]):

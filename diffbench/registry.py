@@ -10,10 +10,16 @@ it works on and its ``options`` with defaults. Families:
 
 Users pick components with references: ``ddim``, ``ddim[eta=1.0,spacing=karras]``, or for a
 component with a ``primary`` option the short form ``cfg:3.0`` (= ``cfg[scale=3.0]``).
+
+Options are typed. A plain default (``{"eta": 0.0}``) gives the option the default's type; an
+:class:`Option` adds the values it may take (``Option(2, choices=(1, 2, 3))``,
+``Option(0.0, min=0.0)``). Resolving a reference converts and checks every value, so a bad one
+is a :class:`ConfigError` (exit 2) before anything runs, and plugins receive typed values.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,6 +32,8 @@ FAMILIES = {
     "datasets": ("points", "image", "text"),
     "metrics": ("points", "image", "text"),
 }
+SINGULAR = {"models": "model", "samplers": "sampler", "guidance": "guidance", "datasets": "dataset",
+            "metrics": "metric"}
 _NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*\+*$")  # kebab-case; a "++" suffix as in dpm-solver++
 
 
@@ -35,6 +43,85 @@ class Incompatible(Exception):
 
 class ConfigError(ValueError):
     """Bad user input (unknown name, bad option, bad config key): exit status 2."""
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A component option: its ``default`` (whose type, bool / int / float / str, the option
+    takes) and optionally the ``choices`` it may take or an inclusive range ``min``..``max``."""
+
+    default: Any
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def type(self) -> type:
+        return type(self.default if self.default is not None or not self.choices else self.choices[0])
+
+    def describe(self) -> str:
+        """``2 (1|2|3)``, ``0.0 (>= 0.0)``: the default and what is valid, for ``diffbench list``."""
+        valid = "|".join(_fmt(c) for c in self.choices)
+        if self.min is not None or self.max is not None:
+            valid = " ".join(f"{op} {v}" for op, v in ((">=", self.min), ("<=", self.max)) if v is not None)
+        return _fmt(self.default) + (f" ({valid})" if valid else "")
+
+    def convert(self, value: Any) -> Any:
+        """The typed value of ``value`` (a string from the command line, or a Python/TOML value);
+        ValueError saying what is valid otherwise."""
+        kind = self.type
+        if isinstance(value, str) and kind is not str:
+            value = _from_text(value.strip(), kind)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if self.default is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            raise ValueError(f"must be {_TYPE_NAMES[kind]}")
+        if kind is float and math.isnan(value):
+            raise ValueError("must be a number, not nan")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(_fmt(c) for c in self.choices)}")
+        if self.min is not None and value < self.min or self.max is not None and value > self.max:
+            raise ValueError(f"must be in [{self.min if self.min is not None else '-inf'}, "
+                             f"{self.max if self.max is not None else 'inf'}]")
+        return value
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _from_text(text: str, kind: type) -> Any:
+    """Parse command-line text as ``kind``; the text itself when it does not parse (convert then says why)."""
+    if kind is bool:
+        return True if text.lower() in _TRUE else False if text.lower() in _FALSE else text
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def option_specs(options: dict[str, Any]) -> dict[str, Option]:
+    """Every option as an :class:`Option` (a plain default becomes ``Option(default)``)."""
+    return {key: value if isinstance(value, Option) else Option(value) for key, value in options.items()}
+
+
+def convert_options(owner: str, specs: dict[str, Option], values: dict[str, Any]) -> dict[str, Any]:
+    """Typed ``values``; a ConfigError naming ``owner``, the key, the value and what is valid otherwise."""
+    unknown = sorted(set(values) - set(specs))
+    if unknown:
+        valid = ", ".join(sorted(specs)) or "(none)"
+        raise ConfigError(f"{owner} has no option {unknown[0]!r}; valid options: {valid}")
+    typed = {}
+    for key, value in values.items():
+        try:
+            typed[key] = specs[key].convert(value)
+        except ValueError as exc:
+            raise ConfigError(f"{owner}: option {key}={value!r} {exc}") from None
+    return typed
 
 
 @dataclass(frozen=True)
@@ -53,10 +140,24 @@ class Component:
             raise ValueError(f"component name {self.name!r} must be kebab-case (a-z, 0-9, '-', optional '+' suffix)")
         if self.family not in FAMILIES[self.kind]:
             raise ValueError(
-                f"{self.kind[:-1]} {self.name!r}: family {self.family!r} is not one of {FAMILIES[self.kind]}"
+                f"{SINGULAR[self.kind]} {self.name!r}: family {self.family!r} is not one of {FAMILIES[self.kind]}"
             )
         if self.primary is not None and self.primary not in self.options:
             raise ValueError(f"{self.name!r}: primary option {self.primary!r} is not among its options")
+        for key, spec in self.specs.items():
+            try:
+                spec.convert(spec.default)
+            except ValueError as exc:
+                raise ValueError(f"{self.name!r}: default of option {key!r} {exc}") from None
+
+    @property
+    def specs(self) -> dict[str, Option]:
+        """Every option as an :class:`Option`."""
+        return option_specs(self.options)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {key: spec.default for key, spec in self.specs.items()}
 
 
 @dataclass(frozen=True)
@@ -147,18 +248,6 @@ def _fmt(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _parse_value(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def split_list(text: str) -> list[str]:
     """Split ``a,b[x=1,y=2],c:3`` at the commas that are not inside brackets."""
     items, depth, current = [], 0, ""
@@ -173,8 +262,9 @@ def split_list(text: str) -> list[str]:
     return [item for item in items if item]
 
 
-def parse_ref(text: str) -> tuple[str, dict[str, Any], Any]:
-    """``'ddim[eta=1]'`` -> ``('ddim', {'eta': 1}, None)``; ``'cfg:3'`` -> ``('cfg', {}, 3)``."""
+def parse_ref(text: str) -> tuple[str, dict[str, str], str | None]:
+    """``'ddim[eta=1]'`` -> ``('ddim', {'eta': '1'}, None)``; ``'cfg:3'`` -> ``('cfg', {}, '3')``.
+    Values stay text: :meth:`Registry.resolve` converts them to each option's type."""
     text = text.strip()
     match = re.fullmatch(r"([^\[\]:]+)(?::([^\[\]]+))?(?:\[(.*)\])?", text)
     if not match:
@@ -185,8 +275,8 @@ def parse_ref(text: str) -> tuple[str, dict[str, Any], Any]:
         if "=" not in pair:
             raise ConfigError(f"in {text!r}: option {pair!r} must be key=value")
         key, value = pair.split("=", 1)
-        options[key.strip()] = _parse_value(value)
-    return name, options, (_parse_value(short) if short is not None else None)
+        options[key.strip()] = value.strip()
+    return name, options, (short.strip() if short is not None else None)
 
 
 class Registry:
@@ -197,13 +287,16 @@ class Registry:
 
     def add(self, component: Component) -> None:
         if isinstance(component, Sampler) and component.family == "gaussian" and "spacing" not in component.options:
+            from diffbench.process import SPACINGS  # process.py imports this module
+
             # Every Gaussian sampler takes the timestep spacing rule as an option.
-            component = dataclasses.replace(component, options={**component.options, "spacing": component.spacing})
+            spacing = Option(component.spacing, choices=SPACINGS)
+            component = dataclasses.replace(component, options={**component.options, "spacing": spacing})
         table = self._by_kind[component.kind]
         if component.name in table:
             other = table[component.name]
             raise ConfigError(
-                f"duplicate {component.kind[:-1]} name {component.name!r}: registered by "
+                f"duplicate {SINGULAR[component.kind]} name {component.name!r}: registered by "
                 f"{other.plugin or '?'} and again by {component.plugin or '?'}"
             )
         table[component.name] = component
@@ -219,25 +312,22 @@ class Registry:
             return self._by_kind[kind][name]
         except KeyError:
             valid = ", ".join(self.names(kind)) or "(none registered)"
-            raise ConfigError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}") from None
+            raise ConfigError(f"unknown {SINGULAR[kind]} {name!r}; valid {kind}: {valid}") from None
 
     def resolve(self, kind: str, text: str) -> Ref:
-        """Parse a reference and check its name and options against the registry."""
+        """Parse a reference, check its name and convert its options to their declared types."""
         name, options, short = parse_ref(text)
         component = self.get(kind, name)
         if short is not None:
             if component.primary is None:
-                raise ConfigError(f"{kind[:-1]} {name!r} takes no short value ({text!r}); use {name}[key=value]")
+                raise ConfigError(f"{SINGULAR[kind]} {name!r} takes no short value ({text!r}); use {name}[key=value]")
             options = {component.primary: short, **options}
-        unknown = sorted(set(options) - set(component.options))
-        if unknown:
-            valid = ", ".join(sorted(component.options)) or "(none)"
-            raise ConfigError(f"{kind[:-1]} {name!r} has no option {unknown[0]!r}; valid options: {valid}")
+        options = convert_options(f"{SINGULAR[kind]} {name!r}", component.specs, options)
         return Ref(name, tuple(sorted(options.items())))
 
     def options(self, kind: str, ref: Ref) -> dict[str, Any]:
         """The component's defaults overridden by the reference's options."""
-        return {**self.get(kind, ref.name).options, **dict(ref.options)}
+        return {**self.get(kind, ref.name).defaults, **dict(ref.options)}
 
 
 def with_plugin(component: Component, plugin: str) -> Component:

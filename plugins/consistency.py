@@ -32,7 +32,7 @@ import diffbench
 from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess
-from diffbench.registry import ConfigError, Incompatible, Model, Sampler
+from diffbench.registry import ConfigError, Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.flow import fit
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
@@ -215,8 +215,6 @@ class ConsistencyTraining:
 
 
 def load_consistency_mlp(dataset, *, device="cpu", checkpoint="", method="cd", **options) -> Denoiser:
-    if method not in METHODS:
-        raise ConfigError(f"consistency-mlp: method must be one of {', '.join(METHODS)}, got {method!r}")
     path = Path(checkpoint).with_suffix("") if checkpoint else student_path(dataset.name, method)
     hint = f"diffbench train --model consistency-mlp --dataset {dataset.name} --set method={method}"
     net = _load_net(dataset, path, SIGMA_MIN, device, hint)
@@ -227,8 +225,6 @@ def train_consistency_mlp(dataset, out=None, *, device="cpu", method="cd", steps
                           seed=0, progress=True, num_scales=18, target_ema=0.95, s0=10, s1=1280, hidden=128, depth=3) -> Path:
     """CD (from the ``edm-mlp`` teacher, trained first if missing; the student starts from its
     weights as in CM §6) or iCT from scratch, on 20k points."""
-    if method not in METHODS:
-        raise ConfigError(f"consistency-mlp: method must be one of {', '.join(METHODS)}, got {method!r}")
     x0, _ = dataset.train_set(20000)
     record = {"dataset": dataset.name, "method": method, "hidden": hidden, "depth": depth}
     if method == "cd":
@@ -294,7 +290,6 @@ def train_consistency_unet(dataset, out=None, *, device="cpu", steps=3000, batch
     """iCT (``ConsistencyTraining``: no teacher) of the U-Net on the whole training set, σ_d = its std;
     class-conditional with label dropout for CFG unless class_cond=false."""
     x0, labels = dataset.train_set()
-    class_cond = str(class_cond).lower() in ("1", "true", "yes")
     net, config, num_classes = _unet_network(dataset, float(x0.std()), config, class_cond)
     loss_fn = ConsistencyTraining(int(steps), int(s0), int(s1), label_dropout=float(label_dropout) if num_classes
                                   else 0.0, null_class=num_classes)
@@ -350,7 +345,7 @@ def sample_multistep_consistency(denoiser, x, timesteps, *, generator, callback=
 def register_models(register):
     net_options = {**NET_DEFAULTS, "checkpoint": ""}
     register(Model(name="consistency-mlp", family="gaussian", load=load_consistency_mlp, train=train_consistency_mlp,
-                   options={**net_options, "method": "cd"},
+                   options={**net_options, "method": Option("cd", choices=METHODS)},
                    description="consistency model (Song et al. 2023) on EDM, residual MLP for toy points; "
                                "method=cd (distilled from edm-mlp) or ct (iCT)"))
     register(Model(name="edm-mlp", family="gaussian", load=load_edm_mlp, train=train_edm_mlp, options=net_options,

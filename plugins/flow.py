@@ -26,7 +26,7 @@ import diffbench
 from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.process import FlowProcess
-from diffbench.registry import Incompatible, Model, Sampler
+from diffbench.registry import Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
 from diffbench_plugins.unet import UNET_CONFIGS, ImageModelPlugin, build_unet
@@ -156,7 +156,6 @@ class FlowImagePlugin(ImageModelPlugin):
         if opts["process"] != "flow" or opts["parameterization"] != "velocity":
             raise Incompatible(f"{self.name} is the flow-matching U-Net (process=flow, parameterization=velocity); "
                                f"for other processes use unet")
-        opts["ot"] = str(opts["ot"]).lower() in ("1", "true", "yes")
         return opts
 
     def loss(self, process, opts: dict, num_classes: int, label_dropout: float):
@@ -315,5 +314,6 @@ def register_samplers(register):
     register(Sampler(name="flow-midpoint", family="gaussian", fn=sample_flow_midpoint,
                      description="explicit midpoint (RK2) on the velocity ODE; last step x0 (NFE = 2*steps-1)"))
     register(Sampler(name="flow-dopri5", family="gaussian", fn=sample_flow_dopri5, primary="rtol",
-                     options={"rtol": 1e-5, "atol": 1e-5, "t_eps": 1e-4, "max_nfe": 10000},
+                     options={"rtol": Option(1e-5, min=0.0), "atol": Option(1e-5, min=0.0), "t_eps": Option(1e-4, min=0.0, max=1.0),
+                              "max_nfe": Option(10000, min=1)},
                      description="adaptive Dormand-Prince 5(4) on the velocity ODE (NFE = actual evaluations)"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import diffbench
 from diffbench.gmm import oracle_denoiser
-from diffbench.process import make_process
-from diffbench.registry import Incompatible, Model
+from diffbench.process import PROCESSES, make_process
+from diffbench.registry import Incompatible, Model, Option
 
 
 def load_gmm_oracle(dataset, *, device="cpu", process="vp-linear"):
@@ -21,4 +21,4 @@ def load_gmm_oracle(dataset, *, device="cpu", process="vp-linear"):
 def register_models(register):
     register(Model(name="gmm-oracle", family="gaussian", load=load_gmm_oracle,
                    description="exact posterior-mean denoiser of a Gaussian mixture, under any Gaussian process",
-                   options={"process": "vp-linear"}))
+                   options={"process": Option("vp-linear", choices=tuple(PROCESSES))}))

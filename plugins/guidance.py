@@ -13,7 +13,7 @@ import torch
 
 import diffbench
 from diffbench.denoiser import Denoiser, _per_sample
-from diffbench.registry import Guidance, Incompatible
+from diffbench.registry import Guidance, Incompatible, Option
 
 
 class _GuidedDenoiser(Denoiser):
@@ -121,7 +121,7 @@ def register_guidance(register):
     register(Guidance(name="none", family="any", apply=lambda denoiser: denoiser, conditional=False,
                       description="no guidance: the model's own (conditional, if it is) prediction"))
     register(Guidance(name="cfg", family="gaussian", apply=apply_cfg, primary="scale",
-                      options={"scale": 1.0, "sigma_min": 0.0, "sigma_max": math.inf},
+                      options={"scale": 1.0, "sigma_min": Option(0.0, min=0.0), "sigma_max": Option(math.inf, min=0.0)},
                       description="classifier-free guidance (one batched NFE per step); cfg:W, optional σ interval"))
     register(Guidance(name="classifier", family="gaussian", apply=apply_classifier, primary="scale",
                       options={"scale": 1.0, "classifier": ""},

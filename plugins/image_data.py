@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import diffbench
 from diffbench.data import DataSource
-from diffbench.registry import ConfigError, Dataset
+from diffbench.registry import ConfigError, Dataset, Option
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -121,8 +121,6 @@ def load_cifar10(path: str = "", split: str = "train", limit: int = 0) -> DataSo
                           "(binary version from https://www.cs.toronto.edu/~kriz/cifar.html)")
     root = Path(path).expanduser()
     names = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
-    if split not in names:
-        raise ConfigError(f"cifar10: option 'split' must be one of train, test; got {split!r}")
     files = [root / name for name in names[split]]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -142,12 +140,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @diffbench.hookimpl
 def register_datasets(register):
-    register(Dataset(name="digits", family="image", load=load_digits, options={"size": 8},
+    register(Dataset(name="digits", family="image", load=load_digits, options={"size": Option(8, min=1)},
                      description="scikit-learn digits: 1797 8×8 grey images, 10 classes, in [-1, 1]"))
-    register(Dataset(name="shapes", family="image", load=load_shapes, options={"num": 5000, "size": 32, "seed": 0},
+    register(Dataset(name="shapes", family="image", load=load_shapes, options={"num": Option(5000, min=1), "size": Option(32, min=4), "seed": Option(0, min=0)},
                      description="procedural 32×32 RGB shapes (circle/square/triangle/cross), random colour/position/size"))
     register(Dataset(name="image-folder", family="image", load=load_image_folder,
-                     options={"path": "", "size": 32, "channels": 3},
+                     options={"path": "", "size": Option(32, min=1), "channels": Option(3, choices=(1, 3))},
                      description="images under a folder (class subfolders optional), centre-cropped and resized"))
-    register(Dataset(name="cifar10", family="image", load=load_cifar10, options={"path": "", "split": "train", "limit": 0},
+    register(Dataset(name="cifar10", family="image", load=load_cifar10, options={"path": "", "split": Option("train", choices=("train", "test")),
+                                                                    "limit": Option(0, min=0)},
                      description="CIFAR-10 from the binary 'cifar-10-batches-bin' directory (option path)"))

@@ -28,7 +28,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 import diffbench
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
-from diffbench.registry import Incompatible, Metric
+from diffbench.registry import Incompatible, Metric, Option
 from diffbench_plugins.classifier import checkpoint_path, load_classifier
 from diffbench_plugins.image_data import to_uint8
 
@@ -226,7 +226,7 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
 
 @diffbench.hookimpl
 def register_metrics(register):
-    fid_options = {"extractor": "auto", "inception_weights": ""}
+    fid_options = {"extractor": Option("auto", choices=("auto", "domain", "inception")), "inception_weights": ""}
     register(Metric(name="fid", family="image", compute=compute_fid, options=fid_options,
                     description="FID via torch-fidelity; column fid[<extractor>] (domain CNN or local Inception-v3)"))
     register(Metric(name="kid", family="image", compute=compute_kid, options=fid_options,
@@ -234,5 +234,5 @@ def register_metrics(register):
     register(Metric(name="class-acc", family="image", compute=compute_class_acc, higher_is_better=True,
                     description="accuracy of the shipped domain classifier on class-conditional samples"))
     register(Metric(name="nll-bpd", family="image", compute=compute_nll_bpd,
-                    options={"num_images": 256, "num_steps": 50},
+                    options={"num_images": Option(256, min=1), "num_steps": Option(50, min=1)},
                     description="DDPM variational bound (Ho et al. eq. 5) in bits/dim on held-out images"))

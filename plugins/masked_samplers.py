@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import diffbench
-from diffbench.registry import Sampler
+from diffbench.registry import Option, Sampler
 
 
 def with_prompt(D, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,9 @@ def sample_llada_random(D, x, timesteps, *, generator, callback=None, temperatur
 
 @diffbench.hookimpl
 def register_samplers(register):
-    register(Sampler(name="mdlm-ancestral", family="masked", fn=sample_mdlm_ancestral, options={"temperature": 1.0},
+    register(Sampler(name="mdlm-ancestral", family="masked", fn=sample_mdlm_ancestral, options={"temperature": Option(1.0, min=0.0)},
                      description="MDLM ancestral sampler: reveal each masked token with prob (α_s−α_t)/(1−α_t) per step"))
-    llada_options = {"temperature": 1.0, "block_length": 0}
+    llada_options = {"temperature": Option(1.0, min=0.0), "block_length": Option(0, min=0)}
     register(Sampler(name="llada-lowconf", family="masked", fn=sample_llada_lowconf, options=llada_options,
                      description="LLaDA: predict all masked tokens, keep the most confident per the schedule, remask the rest"))
     register(Sampler(name="llada-random", family="masked", fn=sample_llada_random, options=llada_options,

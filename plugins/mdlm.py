@@ -30,7 +30,7 @@ from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import MaskedDenoiser
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import timestep_embedding
-from diffbench.registry import Incompatible, Model
+from diffbench.registry import Incompatible, Model, Option
 from diffbench.training import TrainConfig, train
 
 SHIPPED = Path(__file__).parent / "checkpoints"
@@ -230,5 +230,5 @@ def train_mdlm(dataset, out=None, *, device="cpu", steps=1500, batch_size=128, l
 @diffbench.hookimpl
 def register_models(register):
     register(Model(name="mdlm", family="masked", load=load_mdlm, train=train_mdlm,
-                   options={"schedule": "linear", "prompt": "", "checkpoint": "", **ARCH_DEFAULTS},
+                   options={"schedule": Option("linear", choices=tuple(SCHEDULES)), "prompt": "", "checkpoint": "", **ARCH_DEFAULTS},
                    description="masked (absorbing-state) diffusion LM: bidirectional Transformer on the MDLM ELBO (shipped checkpoints)"))

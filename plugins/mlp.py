@@ -13,8 +13,8 @@ import diffbench
 from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.nn.embeddings import time_input, timestep_embedding
-from diffbench.process import make_process
-from diffbench.registry import Incompatible, Model
+from diffbench.process import PROCESSES, make_process
+from diffbench.registry import Incompatible, Model, Option
 from diffbench.training import TrainConfig, denoising_loss, train, train_command
 
 SHIPPED = Path(__file__).parent / "checkpoints"
@@ -99,5 +99,7 @@ def train_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=512, lr
 @diffbench.hookimpl
 def register_models(register):
     register(Model(name="mlp", family="gaussian", load=load_mlp, train=train_mlp,
-                   options={**DEFAULTS, "checkpoint": ""},
+                   options={**DEFAULTS, "checkpoint": "", "process": Option("vp-linear", choices=tuple(PROCESSES)),
+                            "parameterization": Option("eps", choices=("eps", "x0", "v", "velocity", "score")),
+                            "hidden": Option(128, min=1), "depth": Option(3, min=1)},
                    description="small residual MLP with sinusoidal time embedding for toy point data (shipped checkpoints)"))

@@ -6,7 +6,7 @@ import torch
 
 import diffbench
 from diffbench.metrics import MetricContext
-from diffbench.registry import Incompatible, Metric
+from diffbench.registry import Incompatible, Metric, Option
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
@@ -68,7 +68,7 @@ def compute_logp(samples, ctx: MetricContext):
 
 @diffbench.hookimpl
 def register_metrics(register):
-    register(Metric(name="swd", family="points", compute=compute_swd, options={"projections": 256},
+    register(Metric(name="swd", family="points", compute=compute_swd, options={"projections": Option(256, min=1)},
                     description="sliced Wasserstein-2 distance to held-out data (lower is better)"))
     register(Metric(name="mmd", family="points", compute=compute_mmd,
                     description="unbiased MMD² with a multi-bandwidth RBF kernel (lower is better)"))

@@ -25,17 +25,12 @@ import math
 import torch
 
 import diffbench
-from diffbench.registry import ConfigError, Incompatible, Sampler
+from diffbench.registry import Incompatible, Option, Sampler
 
 
 def _report(callback, i, x, t, denoised):
     if callback is not None:
         callback({"i": i, "x": x, "t": t, "denoised": denoised})
-
-
-def _check(sampler: str, option: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{sampler}: {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 def _coeffs(process, t, s):
@@ -67,7 +62,6 @@ def _posterior_step(process, x, x0, t, s, variance, generator):
 @torch.no_grad()
 def sample_ddpm(denoiser, x, timesteps, *, generator, callback=None, variance="small"):
     """Ancestral sampling (Ho et al. 2020, Alg. 2) on any grid, with either variance choice."""
-    _check("ddpm", "variance", variance, ("small", "large"))
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x0 = denoiser(x, t)
         x = _posterior_step(denoiser.process, x, x0, t, s, variance, generator)
@@ -237,8 +231,6 @@ def sample_dpm_solver(denoiser, x, timesteps, *, generator=None, callback=None, 
                       lower_order_final=True):
     """DPM-Solver (Lu et al. 2022a) with the noise prediction ε̂: orders 1–3, singlestep
     (Alg. 1–2: ``order`` model calls per step) or multistep (one call per step, 2022b App. B)."""
-    _check("dpm-solver", "order", order, (1, 2, 3))
-    _check("dpm-solver", "method", method, ("multistep", "singlestep"))
     _require_signal_at_start("dpm-solver", denoiser.process, timesteps)
     ei = _ExponentialIntegrator(denoiser, data_prediction=False)
     return _dpm_solve(ei, x, timesteps, order, method == "multistep", lower_order_final, callback)
@@ -249,7 +241,6 @@ def sample_dpm_solver_pp(denoiser, x, timesteps, *, generator=None, callback=Non
                          lower_order_final=True):
     """DPM-Solver++ (Lu et al. 2022b) with the data prediction x̂0: 2M (Alg. 2), 3M (App. B)
     or the singlestep 2S (Alg. 1)."""
-    _check("dpm-solver++", "variant", variant, ("2m", "3m", "2s"))
     ei = _ExponentialIntegrator(denoiser, data_prediction=True)
     return _dpm_solve(ei, x, timesteps, int(variant[0]), variant != "2s", lower_order_final, callback)
 
@@ -347,7 +338,6 @@ def sample_pc(denoiser, x, timesteps, *, generator, callback=None, predictor="re
     """Predictor–corrector sampling (Song et al. 2021b, Alg. 2–3): a reverse-diffusion or
     ancestral (DDPM posterior, App. F) predictor step, then ``n_steps_each`` Langevin corrector
     steps at the new time; the step to clean data is the noise-free x̂0 = D(x, t_min)."""
-    _check("pc", "predictor", predictor, ("reverse-diffusion", "ancestral"))
     process = denoiser.process
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x0 = denoiser(x, t)
@@ -375,27 +365,34 @@ def sample_one_step(denoiser, x, timesteps, *, generator=None, callback=None):
 
 @diffbench.hookimpl
 def register_samplers(register):
-    churn = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-    register(Sampler(name="ddpm", family="gaussian", fn=sample_ddpm, options={"variance": "small"}, primary="variance",
+    churn = {"s_churn": Option(0.0, min=0.0), "s_tmin": Option(0.0, min=0.0), "s_tmax": Option(math.inf, min=0.0),
+             "s_noise": Option(1.0, min=0.0)}
+    snr = Option(0.16, min=0.0)
+    register(Sampler(name="ddpm", family="gaussian", fn=sample_ddpm, primary="variance",
+                     options={"variance": Option("small", choices=("small", "large"))},
                      description="ancestral sampling, Ho et al. 2020 (variance: small=β̃ posterior, large=β)"))
-    register(Sampler(name="ddim", family="gaussian", fn=sample_ddim, options={"eta": 0.0}, primary="eta",
+    register(Sampler(name="ddim", family="gaussian", fn=sample_ddim, options={"eta": Option(0.0, min=0.0)}, primary="eta",
                      description="DDIM, Song et al. 2021 (eta=0 deterministic; eta=1 ancestral)"))
     register(Sampler(name="dpm-solver", family="gaussian", fn=sample_dpm_solver, primary="order",
-                     options={"order": 2, "method": "multistep", "lower_order_final": True},
+                     options={"order": Option(2, choices=(1, 2, 3)),
+                              "method": Option("multistep", choices=("multistep", "singlestep")),
+                              "lower_order_final": True},
                      spacing="uniform-logsnr",
                      description="DPM-Solver, Lu et al. 2022 (order 1-3, multistep or singlestep; ε-prediction)"))
     register(Sampler(name="dpm-solver++", family="gaussian", fn=sample_dpm_solver_pp, primary="variant",
-                     options={"variant": "2m", "lower_order_final": True}, spacing="uniform-logsnr",
+                     options={"variant": Option("2m", choices=("2m", "3m", "2s")), "lower_order_final": True},
+                     spacing="uniform-logsnr",
                      description="DPM-Solver++, Lu et al. 2022b (variant 2m, 3m or 2s; x0-prediction)"))
     register(Sampler(name="euler", family="gaussian", fn=sample_euler, options=dict(churn), spacing="karras",
                      description="Euler on the EDM ODE, Karras et al. 2022 (optional churn)"))
     register(Sampler(name="heun", family="gaussian", fn=sample_heun, options=dict(churn), spacing="karras",
                      description="Heun 2nd order on the EDM ODE, Karras et al. 2022 Alg. 1-2 (NFE = 2*steps-1)"))
     register(Sampler(name="langevin", family="gaussian", fn=sample_langevin, primary="snr",
-                     options={"n_steps_each": 5, "snr": 0.16},
+                     options={"n_steps_each": Option(5, min=1), "snr": snr},
                      description="annealed Langevin dynamics, Song & Ermon 2019 (step size from snr)"))
     register(Sampler(name="pc", family="gaussian", fn=sample_pc, primary="predictor",
-                     options={"predictor": "reverse-diffusion", "n_steps_each": 1, "snr": 0.16},
+                     options={"predictor": Option("reverse-diffusion", choices=("reverse-diffusion", "ancestral")),
+                              "n_steps_each": Option(1, min=0), "snr": snr},
                      description="predictor-corrector, Song et al. 2021 (reverse-diffusion/ancestral + Langevin)"))
     register(Sampler(name="one-step", family="gaussian", fn=sample_one_step,
                      description="a single denoiser call from pure noise at t_max (one-step baseline)"))

@@ -22,10 +22,12 @@ import torch
 
 import diffbench
 from diffbench.data import DataSource
-from diffbench.registry import Dataset
+from diffbench.registry import Dataset, Option
 
 MARKOV_DEFAULTS = {"vocab": 16, "seq_len": 32, "branching": 3, "smoothing": 0.01, "seed": 0}
 CHAR_DEFAULTS = {"seq_len": 64, "paths": ""}
+MARKOV_OPTIONS = {"vocab": Option(16, min=2), "seq_len": Option(32, min=1), "branching": Option(3, min=1),
+                  "smoothing": Option(0.01, min=0.0, max=1.0), "seed": Option(0, min=0)}
 # A fixed alphabet, so a checkpoint fits any corpus: lower-case text, whitespace collapsed to
 # one space, every other character dropped.
 CHAR_ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"()[]-_=+*/<>!?#%&"
@@ -193,7 +195,8 @@ def _unigram_entropy(ids: torch.Tensor, vocab: int) -> float:
 
 @diffbench.hookimpl
 def register_datasets(register):
-    register(Dataset(name="markov-text", family="text", options=MARKOV_DEFAULTS, load=load_markov_text,
+    register(Dataset(name="markov-text", family="text", options=MARKOV_OPTIONS, load=load_markov_text,
                      description="sequences of a seeded random sparse Markov chain; exact likelihood and entropy rate"))
-    register(Dataset(name="char-text", family="text", options=CHAR_DEFAULTS, load=load_char_text,
+    register(Dataset(name="char-text", family="text", load=load_char_text,
+                     options={**CHAR_DEFAULTS, "seq_len": Option(64, min=1)},
                      description="character-level text chunks: stdlib docstrings/LICENSE/Zen by default, or your files (paths)"))

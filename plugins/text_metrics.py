@@ -15,7 +15,7 @@ import torch
 
 import diffbench
 from diffbench.metrics import MetricContext
-from diffbench.registry import Incompatible, Metric
+from diffbench.registry import Incompatible, Metric, Option
 
 T_MIN = 1e-3  # as in training: the ELBO integral over t is taken on [T_MIN, 1]
 
@@ -88,8 +88,8 @@ def register_metrics(register):
                     description="NLL per token (nats) of samples under the true source; off_chain: share of transitions off the sparse chain"))
     register(Metric(name="entropy", family="text", compute=compute_entropy, higher_is_better=True,
                     description="unigram entropy of the samples in nats (low = repetitive collapse)"))
-    register(Metric(name="distinct-n", family="text", compute=compute_distinct, options={"n": 2},
+    register(Metric(name="distinct-n", family="text", compute=compute_distinct, options={"n": Option(2, min=1)},
                     higher_is_better=True, description="distinct n-grams / all n-grams over the samples"))
-    register(Metric(name="elbo-ppl", family="text", compute=compute_elbo_ppl, options={"sequences": 256, "draws": 16},
+    register(Metric(name="elbo-ppl", family="text", compute=compute_elbo_ppl, options={"sequences": Option(256, min=1), "draws": Option(16, min=1)},
                     higher_is_better=False,
                     description="model perplexity bound exp(ELBO per token) on held-out text, MC over t (fixed seed)"))

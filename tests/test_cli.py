@@ -65,4 +65,4 @@ def test_train_unknown_model(cli):
 def test_unknown_spacing_is_bad_input(cli):
     result = cli("run", "--models", "gmm-oracle", "--samplers", "ddim[spacing=karas]", "--steps", "3",
                  "--datasets", "gmm-2d")
-    assert result.exit_code == 2 and "unknown spacing 'karas'" in result.output and "karras" in result.output
+    assert result.exit_code == 2 and "spacing='karas' must be one of" in result.output and "karras" in result.output

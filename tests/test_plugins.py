@@ -29,7 +29,7 @@ def test_throwaway_plugin_is_registered_with_metadata():
     registry = build_registry([ThrowawayPlugin()])
     sampler = registry.get("samplers", "throwaway")
     assert sampler.description == "returns its input"
-    assert sampler.options == {"spacing": "uniform"}  # every Gaussian sampler takes a spacing
+    assert sampler.defaults == {"spacing": "uniform"}  # every Gaussian sampler takes a spacing
     assert "ddim" in registry.names("samplers")  # built-ins arrive through the same entry points
 
 
