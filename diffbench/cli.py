@@ -23,6 +23,43 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+ARTEFACTS = ("results.csv", "results.json", "results.md", "config.json", "env.json", "run.log", "plot_*_vs_nfe.png",
+             "samples_*.png", "samples")  # what a run writes into --out (what --overwrite removes)
+
+
+def _prepare_out(path: Path, *, resume: bool, overwrite: bool):
+    """Create and lock ``--out``. A directory another run holds, or one with results in it (without
+    --resume or --overwrite), is refused; --overwrite removes the earlier run's files."""
+    import shutil
+
+    from diffbench.io import DirectoryLock, DirectoryLocked
+
+    _writable_dir(path)
+    try:
+        lock = DirectoryLock(path).acquire()
+    except DirectoryLocked as exc:
+        raise ConfigError(str(exc)) from None
+    earlier = sorted(p.name for p in path.iterdir() if p.name != DirectoryLock.NAME)
+    if earlier and not resume and not overwrite:
+        lock.release()
+        raise ConfigError(f"--out {path} is not empty ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); "
+                          f"use --resume to continue that run, --overwrite to replace it, or another --out")
+    if overwrite and not resume:
+        for pattern in ARTEFACTS:
+            for old in path.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return lock
+
+
+def _available_memory(device) -> tuple[int, str]:
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"on {torch.cuda.get_device_name(device)}"
+    return psutil.virtual_memory().available, "in RAM"
+
+
 def _writable_dir(path: Path) -> Path:
     """Create ``path`` and prove it is writable before any work starts."""
     try:
@@ -83,19 +120,25 @@ def main():
               "(default: results/<run-id>, with results/latest pointing at it).")
 @click.option("--save-samples", is_flag=True, default=None, help="Also write samples/<cell>.safetensors (x_T, x_0).")
 @click.option("--resume", is_flag=True, help="Reuse finished cells of an interrupted run in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out (else refused).")
+@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a cell may take (loading included) before its worker is stopped and the cell failed.")
+@click.option("--in-process", is_flag=True, help="Run cells in this process (debugging: no isolation, no timeout).")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False),
               help="Load a plugin from a .py file (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(config_path, out_dir, resume, plugins, quiet, **flags):
+def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugins, quiet, **flags):
     """Run a grid of model × sampler × guidance × dataset × steps and tabulate steps, NFE,
-    wall-clock, peak memory and quality metrics.
+    wall-clock, peak memory and quality metrics. Each cell runs in a supervised worker process:
+    a crash or a cell past --cell-timeout fails that cell, and the grid goes on.
 
-    Exit status: 0 every cell ok or skipped with a reason, 1 some cell failed, 2 bad input.
+    Exit status: 0 every cell ok or skipped with a reason, 1 some cell failed, 2 bad input
+    (nothing run, nothing written).
     """
-    from diffbench.grid import build_config, read_toml
-    from diffbench.plugins import PluginError
+    from diffbench.grid import build_config, check_memory, load_datasets, read_toml
     from diffbench.results import terminal_table
-    from diffbench.runner import GridRunner
+    from diffbench.runner import GridRunner, resolve_device
+    from diffbench.worker import Supervisor
 
     try:
         registry = _registry(plugins)
@@ -103,13 +146,28 @@ def run(config_path, out_dir, resume, plugins, quiet, **flags):
         settings = read_toml(path) if path else {}
         settings.update({k: v for k, v in flags.items() if v is not None})
         config = build_config(registry, settings)
-        out = _writable_dir(Path(out_dir) if out_dir else _default_out())
-        runner = GridRunner(registry, config, out, resume=resume, progress=not quiet)
-    except (ConfigError, PluginError) as exc:
+        device = resolve_device(config.device)
+        datasets = load_datasets(registry, config)
+        check_memory(config, datasets, *_available_memory(device))
+        out = Path(out_dir) if out_dir else _default_out()
+        lock = _prepare_out(out, resume=resume, overwrite=overwrite)
+    except ConfigError as exc:  # PluginError too
         _fail(str(exc))
-    if not out_dir:
-        _point_latest(out)
-    df = runner.run()
+    cells = None if in_process else Supervisor(registry, config, out, plugins=plugins, cell_timeout_s=cell_timeout)
+    try:
+        runner = GridRunner(registry, config, out, resume=resume, progress=not quiet,
+                            datasets=datasets if in_process else None, cells=cells)
+        if cells:
+            cells.start()  # the worker starts while this process writes config.json and env.json
+        if not out_dir:
+            _point_latest(out)
+        df = runner.run()
+    except ConfigError as exc:
+        _fail(str(exc))
+    finally:
+        if cells:
+            cells.stop()
+        lock.release()
     click.echo(terminal_table(df, runner.writer.metric_columns))
     counts = df["status"].value_counts().to_dict()
     click.echo(f"\n{len(df)} cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "skipped", "failed"))
@@ -150,24 +208,42 @@ def list_(kind, plugins):
 def train(model, dataset, out_path, device, settings, plugins):
     """Train a model on a dataset and write a safetensors checkpoint (+ JSON config).
     An interrupted run resumes from its last train-state checkpoint."""
-    from diffbench.plugins import PluginError
-    from diffbench.registry import parse_ref
+    from diffbench.grid import load_dataset
+    from diffbench.registry import Incompatible, convert_options
     from diffbench.runner import resolve_device
+    from diffbench.training import NonFiniteLoss, train_option_specs
 
     try:
         registry = _registry(plugins)
         component = registry.get("models", model)
         if component.train is None:
             raise ConfigError(f"model {model!r} cannot be trained (it has no train function)")
-        data_ref = registry.resolve("datasets", dataset)
-        _, options, _ = parse_ref(f"x[{','.join(settings)}]")
-        source = registry.get("datasets", data_ref.name).load(**registry.options("datasets", data_ref))
+        options = convert_options(f"train --set: model {model!r}", train_option_specs(component),
+                                  _key_values(settings))
         dev = resolve_device(device)
-    except (ConfigError, PluginError) as exc:
+        source = load_dataset(registry, registry.resolve("datasets", dataset), "--dataset")
+    except ConfigError as exc:
         _fail(str(exc))
     tic = time.perf_counter()
-    path = component.train(source, out_path, device=dev, **options)
+    try:
+        path = component.train(source, out_path, device=dev, **options)
+    except (ConfigError, Incompatible) as exc:
+        _fail(f"model {model!r} on {dataset!r}: {exc}")
+    except NonFiniteLoss as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     click.echo(f"trained {model} on {dataset} in {time.perf_counter() - tic:.1f} s -> {path}")
+
+
+def _key_values(settings) -> dict[str, str]:
+    """``--set KEY=VALUE`` pairs (values stay text: the option's declared type converts them)."""
+    pairs = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=3000")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 @main.command()

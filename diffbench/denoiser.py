@@ -28,6 +28,28 @@ from diffbench.process import GaussianProcess
 PARAMETERIZATIONS = ("eps", "x0", "v", "velocity", "score", "consistency")
 
 
+class NetworkError(Exception):
+    """The model's network raised, or returned something that is not an output for its input.
+    Raised where the network is called, so the runner blames the model, not the sampler,
+    guidance or metric that happened to call the denoiser."""
+
+
+def call_network(net: Callable, x: torch.Tensor, t_batch: torch.Tensor, cond, same_shape: bool) -> torch.Tensor:
+    """``net(x, t_batch, cond)``, checked: a tensor of x's shape (``same_shape``) or with x's shape
+    as its leading dimensions (logits [B, L, V] for tokens [B, L])."""
+    try:
+        out = net(x, t_batch, cond)
+    except Exception as exc:
+        raise NetworkError(f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise NetworkError(f"network returned {type(out).__name__}, expected a tensor")
+    if (tuple(out.shape) if same_shape else tuple(out.shape[:x.ndim])) != tuple(x.shape):
+        raise NetworkError(f"network returned shape {list(out.shape)} for input of shape {list(x.shape)}")
+    if not out.is_floating_point():
+        raise NetworkError(f"network returned dtype {out.dtype}, expected a floating-point tensor")
+    return out
+
+
 @dataclass
 class CallStats:
     """Model calls and the time spent in them, shared by a denoiser and its bound copies."""
@@ -39,8 +61,8 @@ class CallStats:
     def reset(self) -> None:
         self.nfe, self.model_seconds, self._cuda_events = 0, 0.0, []
 
-    def timed_call(self, net: Callable, x: torch.Tensor, t, cond):
-        """One counted network call ``net(x, t_batch, cond)`` with t broadcast to the batch as
+    def timed_call(self, net: Callable, x: torch.Tensor, t, cond, same_shape: bool = True):
+        """One counted, checked network call (:func:`call_network`) with t broadcast to the batch as
         float32; its time is recorded with CUDA events (read later, no sync) or perf_counter."""
         t = torch.as_tensor(t, dtype=torch.float64)
         t_batch = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(device=x.device, dtype=torch.float32)
@@ -48,12 +70,12 @@ class CallStats:
         if x.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = net(x, t_batch, cond)
+            out = call_network(net, x, t_batch, cond, same_shape)
             end.record()
             self._cuda_events.append((start, end))
             return out
         tic = time.perf_counter()
-        out = net(x, t_batch, cond)
+        out = call_network(net, x, t_batch, cond, same_shape)
         self.model_seconds += time.perf_counter() - tic
         return out
 
@@ -185,4 +207,4 @@ class MaskedDenoiser:
 
     def __call__(self, tokens: torch.Tensor, t, cond=None) -> torch.Tensor:
         """Logits [B, L, V] (float32): one counted network call."""
-        return self.stats.timed_call(self.net, tokens, t, self.cond if cond is None else cond).float()
+        return self.stats.timed_call(self.net, tokens, t, self.cond if cond is None else cond, same_shape=False).float()

@@ -5,6 +5,7 @@ Every axis is a list. Validation errors name the key, the bad value and the vali
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,7 +16,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from diffbench.registry import ConfigError, Ref, Registry, split_list
+from diffbench.data import DataSource
+from diffbench.registry import ConfigError, Option, Ref, Registry, convert_options, split_list
 
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,9 +73,14 @@ class RunConfig:
         return out
 
 
-SCALARS = {"num_samples": int, "batch_size": int, "seed": int, "repeats": int, "device": str,
-           "attention": str, "save_samples": bool}
-VALID_KEYS = (*AXES, "steps", *SCALARS)
+# The scalar settings of a run, typed like component options (see diffbench.registry.Option).
+RUN_OPTIONS = {"num_samples": Option(1000, min=1), "batch_size": Option(0, min=0), "seed": Option(0, min=0, max=2**62),
+               "repeats": Option(3, min=1), "device": Option("auto", choices=DEVICES),
+               "attention": Option("sdpa", choices=ATTENTION), "save_samples": Option(False)}
+STEP = Option(10, min=1, max=100_000)  # one entry of run.steps
+VALID_KEYS = (*AXES, "steps", *RUN_OPTIONS)
+BYTES_PER_VALUE = 4  # float32 samples
+WORKING_COPIES = 16  # live tensors of a batch while sampling (x, x0, noise, network activations): a floor
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -82,21 +89,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
     unknown_tables = sorted(set(data) - {"run"})
     if unknown_tables:
         raise ConfigError(f"{path}: unknown table [{unknown_tables[0]}]; valid tables: [run]")
-    return dict(data.get("run", {}))
+    run = data.get("run", {})
+    if not isinstance(run, dict):
+        raise ConfigError(f"{path}: 'run' must be a table ([run] with keys {', '.join(VALID_KEYS)}), got {run!r}")
+    return dict(run)
 
 
 def _as_list(key: str, value: Any) -> list:
     if isinstance(value, str):
-        return split_list(value)
-    if isinstance(value, list):
-        return value
-    raise ConfigError(f"run.{key} must be a list, got {value!r}")
+        value = split_list(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"run.{key} must be a list, got {value!r}")
+    if not value:
+        raise ConfigError(f"run.{key} is empty; give at least one value")
+    return value
 
 
 def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
@@ -104,7 +120,7 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(settings) - set(VALID_KEYS))
     if unknown:
         raise ConfigError(f"unknown key run.{unknown[0]} = {settings[unknown[0]]!r}; valid keys: {', '.join(VALID_KEYS)}")
-    missing = [k for k in ("models", "samplers", "datasets", "steps") if not settings.get(k)]
+    missing = [k for k in ("models", "samplers", "datasets", "steps") if settings.get(k) in (None, "", [])]
     if missing:
         raise ConfigError(f"run.{missing[0]} is required (in the config file or as --{missing[0]})")
 
@@ -124,28 +140,44 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
     steps = []
     for item in _as_list("steps", settings["steps"]):
         try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"run.steps: {item!r} is not an integer") from None
-        if isinstance(item, float) and item != value or value < 1:
-            raise ConfigError(f"run.steps: {item!r} must be a positive integer")
-        steps.append(value)
+            steps.append(STEP.convert(item))
+        except ValueError as exc:
+            raise ConfigError(f"run.steps: {item!r} {exc}") from None
 
-    scalars = {}
-    for key, cast in SCALARS.items():
-        if key not in settings or settings[key] is None:
-            continue
-        value = settings[key]
-        if cast is bool and not isinstance(value, bool) or cast is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"run.{key} must be {cast.__name__}, got {value!r}")
-        scalars[key] = cast(value)
-    for key in ("num_samples", "repeats"):
-        if scalars.get(key, 1) < 1:
-            raise ConfigError(f"run.{key} must be >= 1, got {scalars[key]}")
-    if scalars.get("batch_size", 0) < 0:
-        raise ConfigError(f"run.batch_size must be >= 0, got {scalars['batch_size']}")
-    if scalars.get("device", "auto") not in DEVICES:
-        raise ConfigError(f"run.device: {scalars['device']!r} is not one of {', '.join(DEVICES)}")
-    if scalars.get("attention", "sdpa") not in ATTENTION:
-        raise ConfigError(f"run.attention: {scalars['attention']!r} is not one of {', '.join(ATTENTION)}")
+    scalars = convert_options("run", RUN_OPTIONS, {k: v for k, v in settings.items() if k in RUN_OPTIONS and v is not None})
     return RunConfig(**axes, steps=steps, **scalars)
+
+
+def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> DataSource:
+    """A dataset checked (its ``validate``) and loaded; any failure is bad input naming it."""
+    component = registry.get("datasets", ref.name)
+    options = registry.options("datasets", ref)
+    try:
+        if component.validate is not None:
+            component.validate(**options)
+        return component.load(**options)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise ConfigError(f"{where}: dataset {ref.label!r} (plugin {component.plugin}) could not load: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource]:
+    """Every dataset of the grid, loaded before anything runs or is created: a missing path or a
+    truncated or corrupt file is bad input, not a failed cell per model."""
+    return {ref.label: load_dataset(registry, ref) for ref in config.datasets}
+
+
+def check_memory(config: RunConfig, datasets: dict[str, DataSource], available_bytes: int, where: str) -> None:
+    """Refuse a grid whose samples cannot fit: per cell the N samples and their x_T are kept, plus
+    a batch's working tensors (an estimate from below: networks need more)."""
+    batch = min(config.batch_size or config.num_samples, config.num_samples)
+    for label, dataset in datasets.items():
+        values = math.prod(dataset.shape)
+        need = BYTES_PER_VALUE * values * (2 * config.num_samples + WORKING_COPIES * batch)
+        if need > available_bytes:
+            raise ConfigError(
+                f"run.num_samples = {config.num_samples} (batch_size {batch}) on {label} (samples of shape "
+                f"{list(dataset.shape)}) needs at least {need / 2**30:.1f} GiB, more than the "
+                f"{available_bytes / 2**30:.1f} GiB available {where}; lower --num-samples or --batch-size")

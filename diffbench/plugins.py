@@ -26,7 +26,7 @@ def _entry_point_plugins():
         label = f"{ep.name} ({ep.value}, from {dist})"
         try:
             yield label, ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end diffbench
             raise PluginError(f"plugin {label} raised while loading: {type(exc).__name__}: {exc}") from exc
 
 
@@ -35,13 +35,15 @@ def load_file_plugin(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise PluginError(f"--plugin {path}: no such file")
+    if path.suffix != ".py":
+        raise PluginError(f"--plugin {path}: not a Python file (.py)")
     name = f"diffbench_file_plugin_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SyntaxError, ImportError, a sys.exit() at import, ...
         raise PluginError(f"plugin file {path} raised while loading: {type(exc).__name__}: {exc}") from exc
     return module
 
@@ -86,5 +88,5 @@ def _call_hook(registry: Registry, kind: str, label: str, hook) -> None:
         raise
     except ConfigError as exc:
         raise PluginError(f"plugin {label}: {exc}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PluginError(f"plugin {label} raised in register_{kind}: {type(exc).__name__}: {exc}") from exc

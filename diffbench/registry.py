@@ -200,9 +200,15 @@ class Guidance(Component):
 
 @dataclass(frozen=True)
 class Dataset(Component):
-    """``load(**options) -> diffbench.data.DataSource``."""
+    """``load(**options) -> diffbench.data.DataSource``.
+
+    ``validate(**options)`` (optional) checks the paths and files the dataset would read, quickly,
+    and raises ConfigError naming the missing, truncated or corrupt one; ``diffbench run`` calls
+    it (then ``load``) before it creates anything.
+    """
 
     load: Callable[..., Any] = None
+    validate: Callable[..., None] | None = None
     kind = "datasets"
 
 

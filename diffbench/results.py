@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from diffbench.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from diffbench.io import atomic_write_bytes, atomic_write_text, read_json  # noqa: E402
 
 KEY_COLUMNS = ["model", "sampler", "guidance", "dataset", "steps"]
 BASE_COLUMNS = KEY_COLUMNS + [
@@ -67,8 +67,13 @@ class ResultsWriter:
 def load_rows(out_dir: Path) -> tuple[list[dict], dict[str, bool]]:
     """Rows and metric directions of an earlier run (for --resume and compare)."""
     path = Path(out_dir) / "results.json"
-    data = json.loads(path.read_text())
-    return data["rows"], data.get("columns", {}).get("metrics", {})
+    data = read_json(path)
+    rows = data.get("rows") if isinstance(data, dict) else None
+    directions = data.get("columns", {}).get("metrics", {}) if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in KEY_COLUMNS + ["status"])
+                                             for r in rows) or not isinstance(directions, dict):
+        raise ValueError(f"{path}: not a diffbench results table (needs rows with {', '.join(KEY_COLUMNS)}, status)")
+    return rows, directions
 
 
 def display_columns(df: pd.DataFrame, metric_columns) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import numbers
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from diffbench.data import DataSource
+from diffbench.denoiser import NetworkError
 from diffbench.grid import Cell, RunConfig
-from diffbench.io import atomic_write_bytes, atomic_write_text
+from diffbench.io import atomic_write_bytes, atomic_write_text, read_json
 from diffbench.metrics import MetricContext
 from diffbench.nn.attention import effective_backend, use_backend
-from diffbench.registry import Component, ConfigError, Incompatible, Registry
+from diffbench.registry import SINGULAR, Component, ConfigError, Incompatible, Registry
 from diffbench.results import ResultsWriter, load_rows, plot_metrics_vs_nfe, plot_point_samples
 from diffbench.rng import SampleGenerators
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
@@ -31,21 +34,64 @@ WARMUP_SAMPLES = 8
 
 
 class CellFailure(Exception):
-    """An exception raised inside a plugin, tagged with the plugin that raised it."""
+    """A plugin misbehaved in a cell: ``what`` it did (raised ..., returned ...), naming the plugin."""
 
-    def __init__(self, component: Component, exc: BaseException):
-        super().__init__(f"{component.kind[:-1]} {component.name!r} (plugin {component.plugin}) raised "
-                         f"{type(exc).__name__}: {exc}")
+    def __init__(self, component: Component, what: str):
+        super().__init__(f"{SINGULAR[component.kind]} {component.name!r} (plugin {component.plugin}) {what}")
+
+
+def raised(component: Component, exc: BaseException) -> CellFailure:
+    if isinstance(exc, SystemExit):
+        return CellFailure(component, f"called sys.exit({exc.code!r})")
+    return CellFailure(component, f"raised {type(exc).__name__}: {exc}")
 
 
 def _call(component: Component, fn, *args, **kwargs):
-    """Call into a plugin; Incompatible passes through, anything else becomes a CellFailure."""
+    """Call into a plugin; Incompatible, CellFailure and the model's NetworkError pass through,
+    anything else (sys.exit included) becomes a CellFailure naming ``component``."""
     try:
         return fn(*args, **kwargs)
-    except (Incompatible, CellFailure):
+    except (Incompatible, CellFailure, NetworkError):
         raise
-    except Exception as exc:
-        raise CellFailure(component, exc) from exc
+    except (Exception, SystemExit) as exc:
+        raise raised(component, exc) from exc
+
+
+def check_sample_output(component: Component, out, expected: torch.Tensor) -> torch.Tensor:
+    """What a sampler returned must be samples like its input x_T: a tensor of the same shape and
+    kind of dtype (floating point for Gaussian models, integer tokens for masked ones)."""
+    if not isinstance(out, torch.Tensor):
+        raise CellFailure(component, f"returned {type(out).__name__}, expected a tensor of shape {list(expected.shape)}")
+    if out.shape != expected.shape:
+        raise CellFailure(component, f"returned shape {list(out.shape)}, expected {list(expected.shape)} "
+                                     f"({expected.shape[0]} samples)")
+    if out.is_floating_point() != expected.is_floating_point() or out.is_complex():
+        raise CellFailure(component, f"returned dtype {out.dtype}, expected {expected.dtype}")
+    return out
+
+
+def check_finite_samples(cell: Cell, samples: torch.Tensor) -> None:
+    """A cell whose samples hold NaN or Inf fails before any metric sees them."""
+    if samples.is_floating_point():
+        bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
+        if bad:
+            raise SampleError(f"{bad} of {len(samples)} samples are not finite (model {cell.model.label!r}, "
+                              f"sampler {cell.sampler.label!r}, guidance {cell.guidance.label!r})")
+
+
+class SampleError(Exception):
+    """The cell's samples are unusable (not finite): the cell fails with this reason."""
+
+
+def check_metric_value(metric: Component, column: str, value) -> float:
+    """A metric value must be a finite real number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CellFailure(metric, f"returned {type(value).__name__} {value!r} for column {column!r}, expected a number")
+    if not math.isfinite(value):
+        raise CellFailure(metric, f"returned {value} for column {column!r}, expected a finite number")
+    return float(value)
 
 
 def _cached(cache: dict, key, load):
@@ -92,33 +138,64 @@ class Generated:
     wall_s: float
     wall_std_s: float
     model_s: float
-    peak_mem_mb: float
+
+
+@dataclass
+class CellResult:
+    """What a cell gives the table: its row, the direction of its metric columns and, for point
+    data, (dataset label, panel title, samples [n, D], reference data [m, D]) for the scatter plot."""
+
+    row: dict
+    directions: dict
+    points: tuple | None = None
+
+
+def base_row(config: RunConfig, cell: Cell, registry: Registry, device: torch.device) -> dict:
+    """The columns every row has, whatever happens in the cell."""
+    return {"model": cell.model.label, "sampler": cell.sampler.label, "guidance": cell.guidance.label,
+            "dataset": cell.dataset.label, "steps": cell.steps,
+            "spacing": registry.options("samplers", cell.sampler).get("spacing"),
+            "num_samples": config.num_samples, "batch_size": min(config.batch_size or config.num_samples,
+                                                                 config.num_samples),
+            "seed": config.seed, "device": str(device), "attention": effective_backend(device), "reason": ""}
 
 
 class GridRunner:
+    """Runs the cells of a grid and writes the table. Cells run in this process, or (``cells``
+    = a :class:`diffbench.worker.Supervisor`) in a supervised worker process."""
+
     def __init__(self, registry: Registry, config: RunConfig, out_dir: Path, *, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, datasets: dict | None = None, cells=None):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
         self.device = resolve_device(config.device)
         self.progress = progress
         self.writer = ResultsWriter(self.out_dir)
         if resume:
             self._resume()
-        self._loaded: dict[tuple, object] = {}  # datasets and models (or why they could not load)
+        # datasets and models (or why they could not load); ``datasets``: already loaded, by label
+        self._loaded: dict[tuple, object] = {("dataset", label): d for label, d in (datasets or {}).items()}
         self._references: dict[str, tuple] = {}
         self._point_samples: dict[str, dict[str, torch.Tensor]] = {}
+        self._point_references: dict[str, torch.Tensor] = {}
+        self.cells = cells or self  # anything with run_cell(cell) -> CellResult
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _resume(self) -> None:
         """Keep the finished (ok / skipped) rows of an earlier run in out_dir, and its metric directions."""
         if not (self.out_dir / "results.json").exists():
             return
-        previous = json.loads((self.out_dir / "config.json").read_text()) if (self.out_dir / "config.json").exists() else {}
+        config_file = self.out_dir / "config.json"
+        try:
+            previous = read_json(config_file) if config_file.exists() else {}
+            if not isinstance(previous, dict):
+                raise ValueError(f"{config_file}: not a run configuration")
+            rows, directions = load_rows(self.out_dir)
+        except ValueError as exc:
+            raise ConfigError(f"cannot --resume in {self.out_dir}: {exc}") from None
         current = self.config.as_dict()
         for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention"):
             if previous.get(key) != current[key]:
                 raise ConfigError(f"cannot --resume in {self.out_dir}: run.{key} was {previous.get(key)!r}, now {current[key]!r}")
-        rows, directions = load_rows(self.out_dir)
         self.writer.rows = [r for r in rows if r["status"] in ("ok", "skipped")]
         self.writer.metric_columns.update(directions)
 
@@ -140,8 +217,12 @@ class GridRunner:
                 bar = tqdm(cells, desc="cells", unit="cell", disable=not self.progress)
                 for cell in bar:
                     bar.set_postfix_str(cell.slug[:60])
-                    row, directions = self.run_cell(cell)
-                    self.writer.add(row, directions)
+                    result = self.cells.run_cell(cell)
+                    self.writer.add(result.row, result.directions)
+                    if result.points:
+                        dataset, title, samples, reference = result.points
+                        self._point_samples.setdefault(dataset, {})[title] = samples
+                        self._point_references[dataset] = reference
             self._plots()
         finally:
             log.removeHandler(handler)
@@ -149,31 +230,42 @@ class GridRunner:
         return self.writer.frame()
 
     # ---- one cell ------------------------------------------------------------------------
-    def run_cell(self, cell: Cell) -> tuple[dict, dict]:
-        sampler = self.registry.get("samplers", cell.sampler.name)
-        options = self.registry.options("samplers", cell.sampler)
-        row = {"model": cell.model.label, "sampler": cell.sampler.label, "guidance": cell.guidance.label,
-               "dataset": cell.dataset.label, "steps": cell.steps, "spacing": options.get("spacing"),
-               "num_samples": self.config.num_samples, "batch_size": self._batch_size(), "seed": self.config.seed,
-               "device": str(self.device), "attention": effective_backend(self.device), "reason": ""}
+    def run_cell(self, cell: Cell) -> CellResult:
+        """Run one cell here; every outcome is a row (peak memory over the whole cell, warm-up included)."""
+        row = base_row(self.config, cell, self.registry, self.device)
         try:
-            generated, dataset, denoiser = self._generate(cell, sampler, options)
-            row.update(self._timing_columns(generated, cell.steps))
-            metrics, directions = self._metrics(cell, generated, dataset, denoiser)
-            row.update(metrics)
-            row["status"] = "ok"
-            self._save(cell, generated, dataset)
-            return row, directions
+            with PeakMemory(self.device) as memory:
+                result = self._run_cell(cell, row)
+            result.row["peak_mem_mb"] = memory.peak_mb
+            return result
         except Incompatible as exc:
             row.update(status="skipped", reason=str(exc))
             log.info("skipped %s: %s", cell.slug, exc)
-        except CellFailure as exc:
+        except NetworkError as exc:  # raised where the network is called: the model's fault, whoever called it
+            model = self.registry.get("models", cell.model.name)
+            row.update(status="failed", reason=str(CellFailure(model, f"network: {exc}")))
+            log.error("failed %s: %s\n%s", cell.slug, row["reason"], "".join(traceback.format_exception(exc)))
+        except (CellFailure, SampleError) as exc:
             row.update(status="failed", reason=str(exc))
-            log.error("failed %s: %s\n%s", cell.slug, exc, "".join(traceback.format_exception(exc.__cause__)))
+            log.error("failed %s: %s\n%s", cell.slug, exc, "".join(traceback.format_exception(exc)))
         except Exception as exc:  # a bug in the host itself: still never lose the other cells
             row.update(status="failed", reason=f"diffbench host error {type(exc).__name__}: {exc}")
             log.error("failed %s (host): %s", cell.slug, traceback.format_exc())
-        return row, {}
+        return CellResult(row, {})
+
+    def _run_cell(self, cell: Cell, row: dict) -> CellResult:
+        sampler = self.registry.get("samplers", cell.sampler.name)
+        generated, dataset, denoiser = self._generate(cell, sampler, self.registry.options("samplers", cell.sampler))
+        check_finite_samples(cell, generated.samples)
+        row.update(self._timing_columns(generated, cell.steps))
+        metrics, directions = self._metrics(cell, generated, dataset, denoiser)
+        row.update(metrics, status="ok")
+        self._save(cell, generated, dataset)
+        points = None
+        if dataset.modality == "points":
+            title = f"{cell.model.label} · {cell.sampler.label} · {cell.guidance.label} · {cell.steps} steps"
+            points = (cell.dataset.label, title, generated.samples[:2000].cpu(), self._references[cell.dataset.label][0])
+        return CellResult(row, directions, points)
 
     def _batch_size(self) -> int:
         return min(self.config.batch_size or self.config.num_samples, self.config.num_samples)
@@ -211,25 +303,24 @@ class GridRunner:
             bound = denoiser.conditioned(labels) if labels is not None else denoiser
             with torch.no_grad():
                 out = _call(sampler, sampler.fn, bound, x_T.clone(), timesteps, generator=generators, **options)
-            return x_T, out
+            return x_T, check_sample_output(sampler, out, x_T)
 
         n, bs = self.config.num_samples, self._batch_size()
         sample(range(min(WARMUP_SAMPLES, bs)))  # warm-up: allocator, lazy init, kernel autotuning
         times, model_times, first = [], [], None
-        with PeakMemory(self.device) as memory:
-            for _ in range(self.config.repeats):
-                denoiser.stats.reset()
-                with wall_timer(self.device, times):
-                    out = sample(range(bs))
-                model_times.append(denoiser.stats.model_time())
-                first = first or (out, denoiser.stats.nfe)
+        for _ in range(self.config.repeats):
+            denoiser.stats.reset()
+            with wall_timer(self.device, times):
+                out = sample(range(bs))
+            model_times.append(denoiser.stats.model_time())
+            first = first or (out, denoiser.stats.nfe)
         (x_T0, samples0), nfe = first
         rest = [sample(range(start, min(start + bs, n))) for start in range(bs, n, bs)]
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
         generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
-                              summarize(model_times)[0], memory.peak_mb)
+                              summarize(model_times)[0])
         return generated, dataset, base
 
     def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
@@ -247,7 +338,7 @@ class GridRunner:
     def _timing_columns(self, g: Generated, steps: int) -> dict:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""
         return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
-                "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps, "peak_mem_mb": g.peak_mem_mb,
+                "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps,
                 "samples_per_s": self._batch_size() / g.wall_s}
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
@@ -268,7 +359,7 @@ class GridRunner:
                 log.info("metric %s not applicable to %s: %s", ref.label, cell.slug, exc)
                 continue
             result = result if isinstance(result, dict) else {ref.label: result}
-            values.update({k: float(v) for k, v in result.items()})
+            values.update({k: check_metric_value(metric, k, v) for k, v in result.items()})
             directions.update({k: metric.better_is_higher(k) for k in result})
         return values, directions
 
@@ -280,10 +371,7 @@ class GridRunner:
 
             tensors = {"x_T": g.x_T.contiguous().cpu(), "x_0": g.samples.contiguous().cpu()}
             atomic_write_bytes(samples_dir / f"{cell.slug}.safetensors", save(tensors))
-        if dataset.modality == "points":
-            label = f"{cell.model.label} · {cell.sampler.label} · {cell.guidance.label} · {cell.steps} steps"
-            self._point_samples.setdefault(cell.dataset.label, {})[label] = g.samples[:2000].cpu()
-        elif dataset.modality == "image":
+        if dataset.modality == "image":
             from torchvision.utils import save_image
 
             buffer = io.BytesIO()
@@ -297,4 +385,4 @@ class GridRunner:
         df = self.writer.frame()
         plot_metrics_vs_nfe(df, self.writer.metric_columns, self.out_dir)
         for label, samples in self._point_samples.items():
-            plot_point_samples(label, self._references[label][0], samples, self.out_dir)
+            plot_point_samples(label, self._point_references[label], samples, self.out_dir)

@@ -7,6 +7,7 @@ and the config that rebuilds the network; :func:`train` does the rest.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,28 @@ import torch
 from tqdm.auto import tqdm
 
 from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.registry import Model, Option
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (NaN / Inf loss): it stops, and no checkpoint is written."""
+
+
+# The knobs of every train function that take them (``diffbench train --set``), with their ranges.
+TRAINER_OPTIONS = {"steps": Option(2000, min=1), "batch_size": Option(256, min=1), "lr": Option(2e-3, min=0.0),
+                   "seed": Option(0, min=0)}
+
+
+def train_option_specs(model: Model) -> dict[str, Option]:
+    """What ``diffbench train --set`` accepts for ``model``: the keyword parameters of its train
+    function (typed from their defaults; the :data:`TRAINER_OPTIONS` with their ranges) and, when
+    the function takes ``**options`` or names them, the model's own options."""
+    params = inspect.signature(model.train).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keywords = {name: TRAINER_OPTIONS.get(name, Option(p.default)) for name, p in params.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "progress")}
+    model_options = {k: v for k, v in model.specs.items() if takes_any or k in params}
+    return {**model_options, **keywords}
 
 
 @dataclass
@@ -98,25 +121,36 @@ def train(
     labels = labels.to(device) if labels is not None else None
     use_amp = device.type == "cuda"
 
+    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (checked without a sync per step)
     bar = tqdm(range(start, cfg.steps), desc=f"train {out.name}", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = loss_fn(net, data[idx], labels[idx] if labels is not None else None, generator)
+        finite &= torch.isfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         ema_update(ema, net, cfg.ema_decay)
-        if step % 50 == 0:
+        saving = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if step % 50 == 0 or saving:
+            _stop_if_diverged(finite, step, out)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if saving:
             _save_state(out, net, ema, opt, step + 1, config)
 
+    _stop_if_diverged(finite, cfg.steps - 1, out)
     save_checkpoint(out, half_precision_weights(ema), config)
     _state_path(out).with_suffix(".safetensors").unlink(missing_ok=True)
     _state_path(out).with_suffix(".json").unlink(missing_ok=True)
     return ema.eval()
+
+
+def _stop_if_diverged(finite: torch.Tensor, step: int, out: Path) -> None:
+    if not bool(finite):
+        raise NonFiniteLoss(f"training loss became NaN or Inf by step {step + 1}; stopped, no checkpoint written "
+                            f"to {out} (try a smaller lr)")
 
 
 def drop_labels(labels, p: float, null_class: int | None, generator: torch.Generator):

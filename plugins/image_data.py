@@ -80,9 +80,8 @@ def _read_image(path: Path, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 
-def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> DataSource:
-    """Every image under ``path`` (recursively). If images sit in subfolders, each subfolder is a
-    class (sorted names); otherwise the set is unlabelled."""
+def _image_files(path: str) -> tuple[Path, list[Path]]:
+    """The folder and every image file under it (recursively); ConfigError when there is none."""
     if not path:
         raise ConfigError("dataset 'image-folder' needs option 'path' (e.g. image-folder[path=/data/imgs])")
     root = Path(path).expanduser()
@@ -91,6 +90,25 @@ def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> Data
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ConfigError(f"image-folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return root, files
+
+
+def validate_image_folder(path: str = "", **_) -> None:
+    """Every image under ``path`` decodes (Pillow's verify reads the file without decoding pixels)."""
+    from PIL import Image
+
+    for file in _image_files(path)[1]:
+        try:
+            with Image.open(file) as img:
+                img.verify()
+        except Exception as exc:
+            raise ConfigError(f"image-folder: {file} is not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> DataSource:
+    """Every image under ``path`` (recursively). If images sit in subfolders, each subfolder is a
+    class (sorted names); otherwise the set is unlabelled."""
+    root, files = _image_files(path)
     class_names = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     labelled = bool(class_names) and all(p.parent != root for p in files)
     images = torch.stack([_resize_square(_read_image(p, channels), size) for p in files])
@@ -102,30 +120,43 @@ def load_image_folder(path: str = "", size: int = 32, channels: int = 3) -> Data
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR10_RECORD = 3073  # 1 label byte + 3 × 32 × 32 pixel bytes
 
 
 def read_cifar10_bin(file: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One file of the CIFAR-10 binary version: records of 1 label byte + 3072 pixel bytes
     (1024 red, 1024 green, 1024 blue, row-major 32×32). Returns (uint8 [n, 3, 32, 32], labels [n])."""
     raw = torch.frombuffer(bytearray(file.read_bytes()), dtype=torch.uint8)
-    if raw.numel() % 3073:
+    if raw.numel() % CIFAR10_RECORD:
         raise ConfigError(f"cifar10: {file} is not in the CIFAR-10 binary format (size {raw.numel()} bytes)")
-    records = raw.view(-1, 3073)
+    records = raw.view(-1, CIFAR10_RECORD)
     return records[:, 1:].reshape(-1, 3, 32, 32).clone(), records[:, 0].long()
+
+
+def _cifar10_files(path: str, split: str) -> list[Path]:
+    if not path:
+        raise ConfigError("dataset 'cifar10' needs option 'path': the 'cifar-10-batches-bin' directory "
+                          "(binary version from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    files = [Path(path).expanduser() / name for name in CIFAR10_FILES[split]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"cifar10: option 'path' = {path!r} lacks {', '.join(missing)}")
+    return files
+
+
+def validate_cifar10(path: str = "", split: str = "train", **_) -> None:
+    """The split's files exist and hold whole records (a truncated download is named)."""
+    for file in _cifar10_files(path, split):
+        size = file.stat().st_size
+        if size == 0 or size % CIFAR10_RECORD:
+            raise ConfigError(f"cifar10: {file} is truncated or not in the CIFAR-10 binary format ({size} bytes, "
+                              f"not a multiple of {CIFAR10_RECORD})")
 
 
 def load_cifar10(path: str = "", split: str = "train", limit: int = 0) -> DataSource:
     """CIFAR-10 from ``cifar-10-batches-bin`` (data_batch_1..5.bin = train, test_batch.bin = test)."""
-    if not path:
-        raise ConfigError("dataset 'cifar10' needs option 'path': the 'cifar-10-batches-bin' directory "
-                          "(binary version from https://www.cs.toronto.edu/~kriz/cifar.html)")
-    root = Path(path).expanduser()
-    names = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
-    files = [root / name for name in names[split]]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(f"cifar10: option 'path' = {path!r} lacks {', '.join(missing)}")
-    parts = [read_cifar10_bin(f) for f in files]
+    parts = [read_cifar10_bin(f) for f in _cifar10_files(path, split)]
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if limit:
         images, labels = images[:limit], labels[:limit]
@@ -144,9 +175,9 @@ def register_datasets(register):
                      description="scikit-learn digits: 1797 8×8 grey images, 10 classes, in [-1, 1]"))
     register(Dataset(name="shapes", family="image", load=load_shapes, options={"num": Option(5000, min=1), "size": Option(32, min=4), "seed": Option(0, min=0)},
                      description="procedural 32×32 RGB shapes (circle/square/triangle/cross), random colour/position/size"))
-    register(Dataset(name="image-folder", family="image", load=load_image_folder,
+    register(Dataset(name="image-folder", family="image", load=load_image_folder, validate=validate_image_folder,
                      options={"path": "", "size": Option(32, min=1), "channels": Option(3, choices=(1, 3))},
                      description="images under a folder (class subfolders optional), centre-cropped and resized"))
-    register(Dataset(name="cifar10", family="image", load=load_cifar10, options={"path": "", "split": Option("train", choices=("train", "test")),
-                                                                    "limit": Option(0, min=0)},
+    register(Dataset(name="cifar10", family="image", load=load_cifar10, validate=validate_cifar10,
+                     options={"path": "", "split": Option("train", choices=tuple(CIFAR10_FILES)), "limit": Option(0, min=0)},
                      description="CIFAR-10 from the binary 'cifar-10-batches-bin' directory (option path)"))
