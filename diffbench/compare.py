@@ -8,6 +8,7 @@ Exit codes: 0 no regression, 1 regression, 2 broken run or nothing comparable.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from diffbench.registry import ConfigError
-from diffbench.results import KEY_COLUMNS, load_rows
+from diffbench.results import KEY_COLUMNS, STATUSES, load_rows
 
 DEFAULT_TOLERANCES = {
     "metrics": {"abs": 1e-3, "rel": 0.02},
@@ -49,35 +50,78 @@ class Finding:
 
 
 def load_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, bool]]:
-    """results.csv of a run directory (or the file itself) and its metric directions."""
+    """results.csv of a run directory (or the file itself) and its metric directions; BrokenRun
+    naming the file when it is missing, truncated or not a results table."""
     path = Path(path)
+    if not path.exists():
+        raise BrokenRun(f"{path}: no such directory")
     directory = path if path.is_dir() else path.parent
     csv = directory / "results.csv"
     if not csv.is_file():
         raise BrokenRun(f"{directory}: no results.csv")
     try:
-        df = pd.read_csv(csv)
-    except Exception as exc:
-        raise BrokenRun(f"{csv}: unreadable ({exc})") from None
+        text = csv.read_bytes().decode("utf-8")
+        df = pd.read_csv(io.StringIO(text))
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise BrokenRun(f"{csv}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not text.endswith("\n"):
+        raise BrokenRun(f"{csv}: truncated (the last row is incomplete)")
     missing = [c for c in KEY_COLUMNS + ["status", "nfe"] if c not in df.columns]
     if missing:
         raise BrokenRun(f"{csv}: missing column {missing[0]!r}")
-    directions = load_rows(directory)[1] if (directory / "results.json").is_file() else {}
+    bad = df[~df["status"].isin(STATUSES) | df[KEY_COLUMNS].isna().any(axis=1)
+             | ((df["status"] == "ok") & ~pd.to_numeric(df["nfe"], errors="coerce").notna())]
+    if len(bad):
+        raise BrokenRun(f"{csv}: row {bad.index[0] + 2} is incomplete or has an unknown status "
+                        f"({bad.iloc[0]['status']!r}; valid: {', '.join(STATUSES)})")
+    directions = {}
+    if (directory / "results.json").is_file():
+        try:
+            rows, directions = load_rows(directory)
+        except ValueError as exc:
+            raise BrokenRun(str(exc)) from None
+        if len(rows) != len(df):
+            raise BrokenRun(f"{csv}: {len(df)} rows but results.json has {len(rows)} (truncated or mixed runs)")
     return df, directions
 
 
+TOLERANCE_KEYS = {"metrics": ("abs", "rel"), "timing": ("ratio", "abs"), "memory": ("ratio", "abs"),
+                  "columns": ("abs", "rel", "ratio")}
+
+
+def _check_limits(path, table: str, limits, valid: tuple) -> dict:
+    if not isinstance(limits, dict):
+        raise ConfigError(f"--tolerances {path}: [{table}] must be a table of {', '.join(valid)}, got {limits!r}")
+    for key, value in limits.items():
+        if key not in valid:
+            raise ConfigError(f"--tolerances {path}: unknown key {key!r} in [{table}]; valid keys: {', '.join(valid)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"--tolerances {path}: [{table}] {key} must be a number >= 0, got {value!r}")
+    return limits
+
+
 def load_tolerances(path: str | Path | None) -> dict:
+    """The default tolerances overridden by a TOML file; ConfigError naming the file, table and key
+    for anything that is not a known table of non-negative numbers."""
     tolerances = json.loads(json.dumps(DEFAULT_TOLERANCES))
     if path is None:
         return tolerances
     try:
-        user = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"--tolerances {path}: {exc}") from None
+        user = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--tolerances {path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--tolerances {path}: not valid TOML: {exc}") from None
     for key, value in user.items():
         if key not in tolerances:
             raise ConfigError(f"--tolerances {path}: unknown table [{key}]; valid: {', '.join(tolerances)}")
-        tolerances[key].update(value)
+        if key == "columns":
+            if not isinstance(value, dict):
+                raise ConfigError(f"--tolerances {path}: [columns] must hold [columns.\"<column>\"] tables")
+            for column, limits in value.items():
+                tolerances["columns"][column] = _check_limits(path, f"columns.{column}", limits, TOLERANCE_KEYS[key])
+        else:
+            tolerances[key].update(_check_limits(path, key, value, TOLERANCE_KEYS[key]))
     return tolerances
 
 
@@ -139,12 +183,12 @@ def _check_ratio(cell, column, b, n, limits) -> list[Finding]:
 
 def compare_runs(new_dir, base_dir, tolerances_path=None) -> tuple[int, str]:
     """(exit code, report text)."""
+    tol = load_tolerances(tolerances_path)
     try:
         new, new_directions = load_table(new_dir)
         base, base_directions = load_table(base_dir)
     except BrokenRun as exc:
         return 2, f"broken run: {exc}"
-    tol = load_tolerances(tolerances_path)
     base_ok = base[base["status"] == "ok"]
     shared = set(map(tuple, base_ok[KEY_COLUMNS].astype(str).values)) & set(map(tuple, new[KEY_COLUMNS].astype(str).values))
     if base_ok.empty or not shared:
