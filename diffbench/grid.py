@@ -126,7 +126,8 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
 
     axes = {}
     for kind in AXES:
-        values = _as_list(kind, settings.get(kind, ["none"] if kind == "guidance" else []))
+        default = ["none"] if kind == "guidance" else []  # no metrics: a timing-only grid
+        values = _as_list(kind, settings[kind]) if kind in settings else default
         refs = []
         for item in values:
             if not isinstance(item, str):
