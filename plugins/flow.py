@@ -312,5 +312,5 @@ def register_samplers(register):
     register(Sampler(name="flow-midpoint", family="gaussian", fn=sample_flow_midpoint,
                      description="explicit midpoint (RK2) on the velocity ODE; last step x0 (NFE = 2*steps-1)"))
     register(Sampler(name="flow-dopri5", family="gaussian", fn=sample_flow_dopri5, primary="rtol",
-                     options={"rtol": 1e-5, "atol": 1e-5, "t_eps": 1e-4, "max_nfe": 10000},
+                     options={"rtol": 1e-5, "atol": 1e-5, "t_eps": 1e-4, "max_nfe": 10000}, aliases=("dopri5", "rk45"),
                      description="adaptive Dormand-Prince 5(4) on the velocity ODE (NFE = actual evaluations)"))

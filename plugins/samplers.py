@@ -414,19 +414,28 @@ def register_samplers(register):
     register(Sampler(name="dpm-solver", family="gaussian", fn=sample_dpm_solver, primary="order",
                      options={"order": 2, "method": "multistep", "lower_order_final": True},
                      spacing="uniform-logsnr",
+                     aliases={"dpm-solver-2": {"order": 2}, "dpm-solver-3": {"order": 3, "method": "singlestep"}},
                      description="DPM-Solver, Lu et al. 2022 (order 1-3, multistep or singlestep; ε-prediction)"))
     register(Sampler(name="dpm-solver++", family="gaussian", fn=sample_dpm_solver_pp, primary="variant",
                      options={"variant": "2m", "lower_order_final": True}, spacing="uniform-logsnr",
+                     # "DPM" in diffusers (DPMSolverMultistepScheduler) and most UIs is DPM-Solver++ 2M.
+                     aliases={"dpm": {"variant": "2m"}, "dpm++": {}, "dpmpp": {}, "dpm-solver-pp": {},
+                              "dpm-multistep": {"variant": "2m"}, "dpmpp-2m": {"variant": "2m"},
+                              "dpmpp-2m-karras": {"variant": "2m", "spacing": "karras"},
+                              "dpmpp-3m": {"variant": "3m"}, "dpmpp-2s": {"variant": "2s"}},
                      description="DPM-Solver++, Lu et al. 2022b (variant 2m, 3m or 2s; x0-prediction)"))
     register(Sampler(name="euler", family="gaussian", fn=sample_euler, options=dict(churn), spacing="karras",
+                     aliases=("edm-euler", "euler-karras"),
                      description="Euler on the EDM ODE, Karras et al. 2022 (optional churn)"))
     register(Sampler(name="heun", family="gaussian", fn=sample_heun, options=dict(churn), spacing="karras",
+                     aliases=("edm", "edm-heun", "heun-karras"),
                      description="Heun 2nd order on the EDM ODE, Karras et al. 2022 Alg. 1-2 (NFE = 2*steps-1)"))
     register(Sampler(name="langevin", family="gaussian", fn=sample_langevin, primary="snr",
-                     options={"n_steps_each": 5, "snr": 0.16},
+                     options={"n_steps_each": 5, "snr": 0.16}, aliases=("annealed-langevin", "ald"),
                      description="annealed Langevin dynamics, Song & Ermon 2019 (step size from snr)"))
     register(Sampler(name="pc", family="gaussian", fn=sample_pc, primary="predictor",
                      options={"predictor": "reverse-diffusion", "n_steps_each": 1, "snr": 0.16},
+                     aliases=("predictor-corrector",),
                      description="predictor-corrector, Song et al. 2021 (reverse-diffusion/ancestral + Langevin)"))
     register(Sampler(name="one-step", family="gaussian", fn=sample_one_step,
                      description="a single denoiser call from pure noise at t_max (one-step baseline)"))
