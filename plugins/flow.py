@@ -23,12 +23,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
 from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
-from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
+from diffbench_plugins.mlp import MLPDenoiserNet
 from diffbench_plugins.image_model import ImageModelPlugin
 from diffbench_plugins.unet import UNET_PLUGIN
 
@@ -68,18 +68,10 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
     """diffbench.training.train on unlabelled points; returns the checkpoint path."""
     train(net, loss_fn, x0, None, out, record, cfg, device=device, progress=progress)
-    return Path(out).with_suffix(".safetensors")
+    return checkpoint_files(out)[0]
 
 
 # --- the flow-mlp model ---------------------------------------------------------------------
-
-
-def checkpoint_path(dataset_name: str, ot: bool, reflow: bool = False) -> Path:
-    stem = f"flow-mlp-{dataset_name}" + ("-ot" if ot else "") + ("-reflow" if reflow else "")
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return SHIPPED / stem
 
 
 def _build(dataset, hidden: int, depth: int) -> MLPDenoiserNet:
@@ -91,11 +83,7 @@ def _build(dataset, hidden: int, depth: int) -> MLPDenoiserNet:
 def load_flow_mlp(dataset, *, device="cpu", checkpoint="", **options) -> Denoiser:
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    path = Path(checkpoint).with_suffix("") if checkpoint else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
-    if not path.with_suffix(".safetensors").exists():
-        flags = "".join(f" --set {k}=true" for k in ("ot", "reflow") if opts[k])
-        raise Incompatible(f"no flow-mlp checkpoint for {dataset.name!r} at {path}.safetensors; run: diffbench "
-                           f"train --model flow-mlp --dataset {dataset.name}{flags}")
+    path = model_checkpoint("flow-mlp", dataset.name, {**opts, "checkpoint": checkpoint}, DEFAULTS)
     weights, _ = load_checkpoint(path, device)
     net.load_state_dict(weights)
     return Denoiser(net.to(device).eval(), net.process, "velocity", name="flow-mlp")
@@ -115,7 +103,7 @@ def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=51
     ``reflow=true``: fine-tune the trained flow (with the same ``ot``) on 20k of its own couplings."""
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    out = Path(out) if out else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
+    out = training_output(checkpoint_name("flow-mlp", dataset.name, opts, DEFAULTS), out)
     if opts["reflow"]:
         base = load_flow_mlp(dataset, device=device, **{**opts, "reflow": False})
         data = reflow_couplings(base, 20000, dataset.shape[0], int(reflow_steps), int(seed)).to(device)
@@ -138,19 +126,10 @@ def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=51
 
 class FlowImagePlugin(ImageModelPlugin):
     """``unet``'s load/train/checkpoint logic with FlowProcess + velocity by default and the CFM
-    loss above (``ot=true``: minibatch OT pairing). Checkpoint ``flow-unet-<dataset>[-ot]``."""
+    loss above (``ot=true``: minibatch OT pairing). Checkpoint ``flow-unet-<dataset>[ot=true]``."""
 
     def options(self) -> dict:
         return {**super().options(), "process": "flow", "parameterization": "velocity", "ot": False}
-
-    def checkpoint_path(self, dataset_name: str, opts: dict) -> Path:
-        path = super().checkpoint_path(dataset_name, opts)
-        if not opts.get("ot"):
-            return path
-        for root in (USER_CACHE, SHIPPED):
-            if (root / f"{path.name}-ot.safetensors").exists():
-                return root / f"{path.name}-ot"
-        return USER_CACHE / f"{path.name}-ot"
 
     def _resolve(self, dataset, options: dict) -> dict:
         opts = super()._resolve(dataset, options)

@@ -11,14 +11,11 @@ from typing import Callable
 
 from torch import nn
 
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser, _per_sample
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
-from diffbench.training import TrainConfig, denoising_loss, train, train_command
-
-SHIPPED = Path(__file__).parent / "checkpoints"
-USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
+from diffbench.training import TrainConfig, denoising_loss, train
 
 
 class ClipDenoised(nn.Module):
@@ -49,8 +46,7 @@ class ImageModelPlugin:
     """Load / train logic shared by the image networks (``unet``, ``dit``).
 
     ``build(config, in_channels, resolution, process, num_classes) -> nn.Module``. Checkpoints are
-    ``<name>-<dataset>[-<config>-<parameterization>-<process>].safetensors`` (suffix only when
-    not the dataset's default), in the user cache (``diffbench train``) or shipped with the package.
+    named and found by :mod:`diffbench.checkpoints`: ``<name>-<dataset>[<non-default options>]``.
     """
 
     name: str
@@ -76,17 +72,9 @@ class ImageModelPlugin:
                                f"got {opts['parameterization']!r}")
         return opts
 
-    def checkpoint_path(self, dataset_name: str, opts: dict) -> Path:
-        keys, base = ("parameterization", "process", "class_cond"), self.options()
-        default = (opts["config"] == self.dataset_defaults.get(dataset_name, self.fallback_config)
-                   and all(opts[k] == base[k] for k in keys))
-        stem = f"{self.name}-{dataset_name}" + ("" if default else
-                                                f"-{opts['config'].replace('/', '')}-{opts['parameterization']}-"
-                                                f"{opts['process']}" + ("" if opts["class_cond"] else "-uncond"))
-        for root in (USER_CACHE, SHIPPED):
-            if (root / f"{stem}.safetensors").exists():
-                return root / stem
-        return USER_CACHE / stem
+    def _checkpoint_defaults(self, dataset_name: str) -> dict:
+        """The options a checkpoint name is relative to: the dataset's default config is no change."""
+        return {**self.options(), "config": self.dataset_defaults.get(dataset_name, self.fallback_config)}
 
     def network(self, dataset, opts: dict):
         process = make_process(opts["process"])
@@ -96,10 +84,8 @@ class ImageModelPlugin:
 
     def load(self, dataset, *, device="cpu", **options) -> Denoiser:
         opts = self._resolve(dataset, options)
-        path = Path(opts["checkpoint"]).with_suffix("") if opts["checkpoint"] else self.checkpoint_path(dataset.name, opts)
-        if not path.with_suffix(".safetensors").exists():
-            raise Incompatible(f"no {self.name} checkpoint for {dataset.name!r} at {path}.safetensors; "
-                               f"run: {train_command(self.name, dataset.name, options, self.options())}")
+        path = model_checkpoint(self.name, dataset.name, opts, self._checkpoint_defaults(dataset.name),
+                                ignore=("clip_denoised",))
         weights, saved = load_checkpoint(path, device)
         opts = {**opts, **{k: saved["model"][k] for k in ("config", "process", "parameterization", "class_cond")
                            if k in saved.get("model", {})}}
@@ -119,20 +105,21 @@ class ImageModelPlugin:
         opts = self._resolve(dataset, options)
         net, process, num_classes = self.network(dataset, opts)
         if init:
-            net.load_state_dict(load_checkpoint(Path(init).with_suffix(""))[0])
+            net.load_state_dict(load_checkpoint(init)[0])
         x0, labels = dataset.train_set()
         defaults = {"steps": 2000, "batch_size": 128, "lr": 1e-3, **self.train_defaults.get(dataset.name, {})}
         given = {"steps": steps, "batch_size": batch_size, "lr": lr}
         cfg = TrainConfig(seed=seed, ema_decay=0.995, checkpoint_every=250,
                           **{k: int(v) if k != "lr" else float(v) for k, v in
                              {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()})
-        out = Path(out) if out else self.checkpoint_path(dataset.name, opts)
+        out = training_output(checkpoint_name(self.name, dataset.name, opts, self._checkpoint_defaults(dataset.name),
+                                              ignore=("clip_denoised",)), out)
         loss_fn = self.loss(process, opts, num_classes, label_dropout)
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
                   **({"init": str(init)} if init else {})}
         train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
-        return out.with_suffix(".safetensors")
+        return checkpoint_files(out)[0]
 
     def loss(self, process, opts: dict, num_classes: int, label_dropout: float) -> Callable:
         """``loss_fn(net, x0, labels, generator)`` for :func:`train` (subclasses swap the objective)."""
