@@ -183,6 +183,7 @@ def list_(kind, plugins):
     from tabulate import tabulate
 
     from diffbench.plugins import PluginError
+    from diffbench.registry import Ref
 
     try:
         registry = _registry(plugins)
@@ -190,10 +191,15 @@ def list_(kind, plugins):
         _fail(str(exc))
     for k in [kind] if kind else KINDS:
         rows = [{"name": c.name, "family": c.family, "description": c.description,
-                 "options": ", ".join(f"{o}={spec.describe()}" for o, spec in c.specs.items()), "plugin": c.plugin.split(" (")[0]}
+                 "options": ", ".join(f"{o}={spec.describe()}" for o, spec in c.specs.items()),
+                 "aliases": ", ".join(c.aliases), "plugin": c.plugin.split(" (")[0]}
                 for c in registry.all(k)]
         click.echo(f"\n{k} ({len(rows)})")
-        click.echo(tabulate(rows, headers="keys", tablefmt="simple", maxcolwidths=[None, None, 60, 40, None]))
+        click.echo(tabulate(rows, headers="keys", tablefmt="simple", maxcolwidths=[None, None, 50, 36, 24, None]))
+        presets = [f"  {alias:<18} = {Ref(c.name, tuple(c.aliases[alias].items()))}"
+                   for alias, c in registry.aliases(k).items() if c.aliases[alias]]
+        if presets:
+            click.echo("aliases with preset options:\n" + "\n".join(presets))
 
 
 @main.command()

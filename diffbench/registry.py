@@ -15,10 +15,16 @@ Options are typed. A plain default (``{"eta": 0.0}``) gives the option the defau
 :class:`Option` adds the values it may take (``Option(2, choices=(1, 2, 3))``,
 ``Option(0.0, min=0.0)``). Resolving a reference converts and checks every value, so a bad one
 is a :class:`ConfigError` (exit 2) before anything runs, and plugins receive typed values.
+
+A component may declare ``aliases``, the other names people type for it, each with preset
+options: ``dpm`` is ``dpm-solver++`` with ``variant=2m``. An alias resolves to the canonical name
+(which is what result rows record); the user's own options override the alias's presets.
+Lookups also forgive case and ``_`` for ``-`` (``DPM_Solver++`` finds ``dpm-solver++``).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -132,6 +138,8 @@ class Component:
     options: dict[str, Any] = field(default_factory=dict)
     primary: str | None = None  # option set by the short form "name:value"
     plugin: str = ""  # filled in by the host: the plugin (and distribution) that registered it
+    # Other names for this component: a list of names, or {alias: {option: preset value}}.
+    aliases: tuple[str, ...] | dict[str, dict[str, Any]] = ()
 
     kind = ""
 
@@ -158,6 +166,13 @@ class Component:
     @property
     def defaults(self) -> dict[str, Any]:
         return {key: spec.default for key, spec in self.specs.items()}
+        aliases = self.aliases if isinstance(self.aliases, dict) else {alias: {} for alias in self.aliases}
+        for alias, presets in aliases.items():
+            if alias == self.name:
+                raise ValueError(f"{self.name!r}: an alias equal to the name is redundant")
+            if not _NAME_RE.match(alias):
+                raise ValueError(f"{self.name!r}: alias {alias!r} must be kebab-case (a-z, 0-9, '-', optional '+' suffix)")
+        object.__setattr__(self, "aliases", {alias: dict(presets) for alias, presets in aliases.items()})
 
 
 @dataclass(frozen=True)
@@ -285,11 +300,17 @@ def parse_ref(text: str) -> tuple[str, dict[str, str], str | None]:
     return name, options, (short.strip() if short is not None else None)
 
 
+def normalize_name(name: str) -> str:
+    """The forgiving form of a typed name: lower case, ``_`` and spaces as ``-``."""
+    return re.sub(r"[_\s]+", "-", name.strip().lower())
+
+
 class Registry:
-    """All registered components, by kind and name."""
+    """All registered components, by kind and name (and by alias)."""
 
     def __init__(self):
         self._by_kind: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self._aliases: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}  # alias -> its component
 
     def add(self, component: Component) -> None:
         if isinstance(component, Sampler) and component.family == "gaussian" and "spacing" not in component.options:
@@ -305,7 +326,27 @@ class Registry:
                 f"duplicate {SINGULAR[component.kind]} name {component.name!r}: registered by "
                 f"{other.plugin or '?'} and again by {component.plugin or '?'}"
             )
+        for name in (component.name, *component.aliases):
+            self._refuse_collision(component, name)
+        for alias, presets in component.aliases.items():
+            unknown = sorted(set(presets) - set(component.options))
+            if unknown:
+                raise ConfigError(f"{SINGULAR[component.kind]} {component.name!r}: alias {alias!r} presets unknown option "
+                                  f"{unknown[0]!r}; valid options: {', '.join(sorted(component.options))}")
         table[component.name] = component
+        self._aliases[component.kind].update({alias: component for alias in component.aliases})
+
+    def _refuse_collision(self, component: Component, name: str) -> None:
+        """A name or alias may mean one component only: refuse one already taken, naming both owners."""
+        kind, what = component.kind, ("name" if name == component.name else "alias")
+        other = self._by_kind[kind].get(name) or self._aliases[kind].get(name)
+        if other is None:
+            return
+        taken = "the name" if name == other.name else f"an alias of {SINGULAR[kind]} {other.name!r}"
+        raise ConfigError(
+            f"{SINGULAR[kind]} {what} {name!r} of {component.name!r} (plugin {component.plugin or '?'}) collides with "
+            f"{taken} (plugin {other.plugin or '?'})"
+        )
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._by_kind[kind])
@@ -313,22 +354,41 @@ class Registry:
     def all(self, kind: str) -> list[Component]:
         return [self._by_kind[kind][name] for name in self.names(kind)]
 
+    def aliases(self, kind: str) -> dict[str, Component]:
+        """Every alias of this kind and the component it names."""
+        return dict(sorted(self._aliases[kind].items()))
+
+    def _find(self, kind: str, name: str) -> tuple[Component, dict[str, Any]]:
+        """The component a typed name means (its name or an alias, forgiving case and ``_``) and
+        the alias's presets that differ from the component's defaults."""
+        for key in dict.fromkeys((name, normalize_name(name))):
+            if key in self._by_kind[kind]:
+                return self._by_kind[kind][key], {}
+            if key in self._aliases[kind]:
+                component = self._aliases[kind][key]
+                return component, {k: v for k, v in component.aliases[key].items() if component.defaults.get(k) != v}
+        known = [*self.names(kind), *self._aliases[kind]]
+        close = difflib.get_close_matches(normalize_name(name), known, n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        valid = ", ".join(self.names(kind)) or "(none registered)"
+        aliases = f" (aliases: {', '.join(self.aliases(kind))})" if self._aliases[kind] else ""
+        raise ConfigError(f"unknown {SINGULAR[kind]} {name!r}; valid {kind}: {valid}{aliases}{hint}")
+
     def get(self, kind: str, name: str) -> Component:
-        try:
-            return self._by_kind[kind][name]
-        except KeyError:
-            valid = ", ".join(self.names(kind)) or "(none registered)"
-            raise ConfigError(f"unknown {SINGULAR[kind]} {name!r}; valid {kind}: {valid}") from None
+        """The component named ``name`` or one of its aliases."""
+        return self._find(kind, name)[0]
 
     def resolve(self, kind: str, text: str) -> Ref:
-        """Parse a reference, check its name and convert its options to their declared types."""
+        """Parse a reference and check its name and options against the registry. An alias
+        resolves to its component's canonical name with the alias's presets as options."""
         name, options, short = parse_ref(text)
-        component = self.get(kind, name)
+        component, presets = self._find(kind, name)
+        name = component.name
         if short is not None:
             if component.primary is None:
                 raise ConfigError(f"{SINGULAR[kind]} {name!r} takes no short value ({text!r}); use {name}[key=value]")
             options = {component.primary: short, **options}
-        options = convert_options(f"{SINGULAR[kind]} {name!r}", component.specs, options)
+        options = convert_options(f"{SINGULAR[kind]} {name!r}", component.specs, {**presets, **options})
         return Ref(name, tuple(sorted(options.items())))
 
     def options(self, kind: str, ref: Ref) -> dict[str, Any]:

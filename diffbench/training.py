@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_stem, load_checkpoint, save_checkpoint
 from diffbench.registry import Model, Option
 
 
@@ -80,7 +80,7 @@ def _save_state(out: Path, net, ema, opt, step: int, config: dict) -> None:
 
 
 def _load_state(out: Path, net, ema, opt) -> int:
-    path = _state_path(out).with_suffix(".safetensors")
+    path = checkpoint_files(_state_path(out))[0]
     if not path.exists():
         return 0
     tensors, config = load_checkpoint(path)
@@ -109,7 +109,7 @@ def train(
 ) -> torch.nn.Module:
     """Train ``net`` on (data, labels), write the EMA weights to ``out`` (.safetensors + .json,
     parameters in float16) and return the EMA network. With ``resume``, continues from ``out``'s train-state file."""
-    out = Path(out).with_suffix("")
+    out = checkpoint_stem(out)
     device = torch.device(device)
     net = net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -142,8 +142,8 @@ def train(
 
     _stop_if_diverged(finite, cfg.steps - 1, out)
     save_checkpoint(out, half_precision_weights(ema), config)
-    _state_path(out).with_suffix(".safetensors").unlink(missing_ok=True)
-    _state_path(out).with_suffix(".json").unlink(missing_ok=True)
+    for path in checkpoint_files(_state_path(out)):
+        path.unlink(missing_ok=True)
     return ema.eval()
 
 
@@ -160,12 +160,6 @@ def drop_labels(labels, p: float, null_class: int | None, generator: torch.Gener
         return labels
     drop = torch.rand(len(labels), generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
-def train_command(model: str, dataset: str, options: dict, defaults: dict) -> str:
-    """The ``diffbench train`` command that makes the checkpoint for these (non-default) options."""
-    sets = [f"--set {k}={v}" for k, v in options.items() if k in defaults and k != "checkpoint" and v != defaults[k]]
-    return " ".join([f"diffbench train --model {model} --dataset {dataset}", *sets])
 
 
 def sample_train_times(process, n: int, generator: torch.Generator, device) -> torch.Tensor:

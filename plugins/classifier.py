@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, load_checkpoint, locate_checkpoint, training_output
 from diffbench.denoiser import _per_sample
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.nn.layers import group_norm
@@ -26,8 +26,6 @@ from diffbench.process import make_process
 from diffbench.registry import Incompatible
 from diffbench.training import TrainConfig, sample_train_times, train
 
-SHIPPED = Path(__file__).parent / "checkpoints"
-USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
 
 
 class ConvClassifier(nn.Module):
@@ -67,20 +65,18 @@ class ConvClassifier(nn.Module):
         return self.head(self.features(x, t))
 
 
-def checkpoint_path(name: str) -> Path:
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{name}.safetensors").exists():
-            return root / name
-    return SHIPPED / name
+def has_classifier(name: str) -> bool:
+    try:
+        return bool(locate_checkpoint(name))
+    except Incompatible:
+        return False
 
 
-def load_classifier(name: str, device="cpu") -> ConvClassifier:
-    """Load ``<dataset>-cnn`` or ``<dataset>-noisy-cnn``; Incompatible if no checkpoint exists."""
-    path = checkpoint_path(name)
-    if not path.with_suffix(".safetensors").exists():
-        dataset = name.split("-")[0]
-        raise Incompatible(f"no classifier checkpoint {name!r} at {path}.safetensors; run: python -m "
-                           f"diffbench_plugins.classifier {dataset}" + (" --noisy" if "noisy" in name else ""))
+def load_classifier(name: str, device="cpu", checkpoint: str | Path = "") -> ConvClassifier:
+    """Load ``<dataset>-cnn`` or ``<dataset>-noisy-cnn`` (or the file ``checkpoint``); Incompatible if none exists."""
+    dataset = name.split("-")[0]
+    path = locate_checkpoint(name, explicit=checkpoint, train_hint=f"python -m diffbench_plugins.classifier {dataset}"
+                             + (" --noisy" if "noisy" in name else ""))
     weights, config = load_checkpoint(path, device)
     m = config["model"]
     process = make_process(m["process"]) if m.get("process") else None
@@ -110,9 +106,9 @@ def train_classifier(dataset, *, noisy: bool = False, steps: int = 800, batch_si
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.99, checkpoint_every=10**9)
     record = {"dataset": dataset.name, "in_channels": x0.shape[1], "num_classes": dataset.num_classes,
               "width": width, "process": process if noisy else None}
-    out = Path(out) if out else SHIPPED / name
+    out = training_output(name, out)
     train(net, loss_fn, x0, labels, out, record, cfg, device=device)
-    return out.with_suffix(".safetensors")
+    return checkpoint_files(out)[0]
 
 
 @torch.no_grad()
@@ -129,11 +125,12 @@ def main(argv=None):
     parser.add_argument("--noisy", action="store_true", help="noise-conditional classifier (classifier guidance)")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--out", default=None, help="checkpoint path without suffix (default: the user cache)")
     args = parser.parse_args(argv)
     dataset = {"digits": load_digits, "shapes": load_shapes}[args.dataset]()
     tic = time.time()
-    path = train_classifier(dataset, noisy=args.noisy, steps=args.steps, width=args.width)
-    net = load_classifier(path.stem)
+    path = train_classifier(dataset, noisy=args.noisy, steps=args.steps, width=args.width, out=args.out)
+    net = load_classifier(path.stem, checkpoint=path)
     x, y = dataset.reference(10**6)
     t = None
     if args.noisy:  # accuracy at a moderate noise level, t = N/4

@@ -29,16 +29,19 @@ import torch
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess
 from diffbench.registry import ConfigError, Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.flow import fit
-from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
+from diffbench_plugins.mlp import MLPDenoiserNet
+from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 NET_DEFAULTS = {"hidden": 128, "depth": 3}
+MLP_OPTIONS = {**NET_DEFAULTS, "checkpoint": ""}  # edm-mlp
+STUDENT_OPTIONS = {**MLP_OPTIONS, "method": "cd"}  # consistency-mlp
 METHODS = ("cd", "ct")
 
 
@@ -63,32 +66,20 @@ class PreconditionedNet(nn.Module):
         return c_skip * x + c_out * self.inner(c_in * x, t, cond)
 
 
-def _network(dataset, sigma_data: float, sigma_min: float, hidden: int, depth: int) -> PreconditionedNet:
+def _require_points(dataset) -> None:
     if dataset.modality != "points":
         raise Incompatible(f"consistency/edm MLPs model point data; {dataset.name!r} is {dataset.modality}")
+
+
+def _network(dataset, sigma_data: float, sigma_min: float, hidden: int, depth: int) -> PreconditionedNet:
+    _require_points(dataset)
     inner = MLPDenoiserNet(dataset.shape[0], EDMProcess(SIGMA_MIN, SIGMA_MAX), hidden, depth)
     return PreconditionedNet(inner, sigma_data, sigma_min)
 
 
-def _find(stem: str) -> Path:
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return SHIPPED / stem
-
-
-def teacher_path(dataset_name: str) -> Path:
-    return _find(f"consistency-teacher-{dataset_name}")
-
-
-def student_path(dataset_name: str, method: str) -> Path:
-    return _find(f"consistency-mlp-{dataset_name}-{method}")
-
-
-def _load_net(dataset, path: Path, sigma_min: float, device, train_hint: str) -> PreconditionedNet:
-    if not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no checkpoint for {dataset.name!r} at {path}.safetensors; run: {train_hint}")
-    weights, config = load_checkpoint(path, device)
+def _load_net(dataset, model: str, options: dict, defaults: dict, sigma_min: float, device) -> PreconditionedNet:
+    _require_points(dataset)
+    weights, config = load_checkpoint(model_checkpoint(model, dataset.name, {**defaults, **options}, defaults), device)
     model = config.get("model", {})
     net = _network(dataset, float(weights["sigma_data"]), sigma_min, model.get("hidden", 128), model.get("depth", 3))
     net.load_state_dict(weights)
@@ -109,9 +100,8 @@ def edm_loss(net, x0, generator, p_mean=-1.2, p_std=1.2):
     return torch.mean(weight * (net(x0 + s * noise, sigma) - x0) ** 2)
 
 
-def load_edm_mlp(dataset, *, device="cpu", checkpoint="", **options) -> Denoiser:
-    path = Path(checkpoint).with_suffix("") if checkpoint else teacher_path(dataset.name)
-    net = _load_net(dataset, path, 0.0, device, f"diffbench train --model edm-mlp --dataset {dataset.name}")
+def load_edm_mlp(dataset, *, device="cpu", **options) -> Denoiser:
+    net = _load_net(dataset, "edm-mlp", options, MLP_OPTIONS, 0.0, device)
     return Denoiser(net, EDMProcess(SIGMA_MIN, SIGMA_MAX), "x0", name="edm-mlp")
 
 
@@ -124,7 +114,7 @@ def train_edm_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=512
     """EDM on 20k points, σ_d = the training set's std; ~2 min on one CPU thread."""
     x0, _ = dataset.train_set(20000)
     net = _network(dataset, float(x0.std()), 0.0, hidden, depth)
-    out = Path(out).with_suffix("") if out else teacher_path(dataset.name)
+    out = training_output(checkpoint_name("edm-mlp", dataset.name, {"hidden": hidden, "depth": depth}, MLP_OPTIONS), out)
     cfg = _train_config(steps, batch_size, lr, seed)
     return fit(net, lambda model, batch, labels, g: edm_loss(model, batch, g), x0, out,
                {"dataset": dataset.name, "hidden": hidden, "depth": depth}, cfg, device, progress)
@@ -214,10 +204,8 @@ class ConsistencyTraining:
         return torch.mean(weight * pseudo_huber(net(x0 + s_next * z, s_next.flatten(), labels), target))
 
 
-def load_consistency_mlp(dataset, *, device="cpu", checkpoint="", method="cd", **options) -> Denoiser:
-    path = Path(checkpoint).with_suffix("") if checkpoint else student_path(dataset.name, method)
-    hint = f"diffbench train --model consistency-mlp --dataset {dataset.name} --set method={method}"
-    net = _load_net(dataset, path, SIGMA_MIN, device, hint)
+def load_consistency_mlp(dataset, *, device="cpu", method="cd", **options) -> Denoiser:
+    net = _load_net(dataset, "consistency-mlp", {**options, "method": method}, STUDENT_OPTIONS, SIGMA_MIN, device)
     return Denoiser(net, EDMProcess(SIGMA_MIN, SIGMA_MAX), "consistency", name="consistency-mlp")
 
 
@@ -228,9 +216,11 @@ def train_consistency_mlp(dataset, out=None, *, device="cpu", method="cd", steps
     x0, _ = dataset.train_set(20000)
     record = {"dataset": dataset.name, "method": method, "hidden": hidden, "depth": depth}
     if method == "cd":
-        if not teacher_path(dataset.name).with_suffix(".safetensors").exists():
+        try:
+            teacher = load_edm_mlp(dataset, device=device, hidden=hidden, depth=depth).net.requires_grad_(False)
+        except Incompatible:  # no teacher yet: train it first
             train_edm_mlp(dataset, device=device, seed=seed, progress=progress, hidden=hidden, depth=depth)
-        teacher = load_edm_mlp(dataset, device=device).net.requires_grad_(False)
+            teacher = load_edm_mlp(dataset, device=device, hidden=hidden, depth=depth).net.requires_grad_(False)
         net = _network(dataset, float(teacher.sigma_data), SIGMA_MIN, hidden, depth)
         net.load_state_dict(teacher.state_dict())
         loss_fn = ConsistencyDistillation(teacher, int(num_scales), float(target_ema))
@@ -241,8 +231,10 @@ def train_consistency_mlp(dataset, out=None, *, device="cpu", method="cd", steps
         loss_fn = ConsistencyTraining(int(steps), int(s0), int(s1))
         record |= {"s0": s0, "s1": s1}
         lr = 1e-3 if lr is None else lr
-    out = Path(out).with_suffix("") if out else student_path(dataset.name, method)
-    return fit(net, loss_fn, x0, out, record, _train_config(steps, batch_size, lr, seed), device, progress)
+    name = checkpoint_name("consistency-mlp", dataset.name, {"method": method, "hidden": hidden, "depth": depth},
+                           STUDENT_OPTIONS)
+    return fit(net, loss_fn, x0, training_output(name, out), record, _train_config(steps, batch_size, lr, seed), device,
+               progress)
 
 
 # --- consistency-unet: iCT with the U-Net of plugins/unet.py ----------------------------------
@@ -252,7 +244,6 @@ UNET_DEFAULTS = {"config": "", "class_cond": True, "checkpoint": ""}
 
 def _unet_network(dataset, sigma_data: float, config: str, class_cond: bool) -> tuple[PreconditionedNet, str, int]:
     """PreconditionedNet(U-Net on the EDM process, σ_d, σ_min); config defaults to ``unet``'s for the dataset."""
-    from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
     if dataset.modality != "image":
         raise Incompatible(f"consistency-unet models images; {dataset.name!r} is {dataset.modality}")
@@ -264,18 +255,11 @@ def _unet_network(dataset, sigma_data: float, config: str, class_cond: bool) -> 
     return PreconditionedNet(inner, sigma_data, SIGMA_MIN), config, num_classes
 
 
-def consistency_unet_path(dataset_name: str) -> Path:
-    return _find(f"consistency-unet-{dataset_name}")
-
-
 def load_consistency_unet(dataset, *, device="cpu", checkpoint="", config="", class_cond=True) -> Denoiser:
-    path = Path(checkpoint).with_suffix("") if checkpoint else consistency_unet_path(dataset.name)
-    if dataset.modality == "image" and not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no consistency-unet checkpoint for {dataset.name!r} at {path}.safetensors; run: "
-                           f"diffbench train --model consistency-unet --dataset {dataset.name}")
     if dataset.modality != "image":
         raise Incompatible(f"consistency-unet models images; {dataset.name!r} is {dataset.modality}")
-    weights, saved = load_checkpoint(path, device)
+    options = {"checkpoint": checkpoint, "config": config, "class_cond": class_cond}
+    weights, saved = load_checkpoint(model_checkpoint("consistency-unet", dataset.name, options, UNET_DEFAULTS), device)
     model = saved.get("model", {})
     net, _, num_classes = _unet_network(dataset, float(weights["sigma_data"]), model.get("config", config),
                                         model.get("class_cond", class_cond))
@@ -290,16 +274,17 @@ def train_consistency_unet(dataset, out=None, *, device="cpu", steps=3000, batch
     """iCT (``ConsistencyTraining``: no teacher) of the U-Net on the whole training set, σ_d = its std;
     class-conditional with label dropout for CFG unless class_cond=false."""
     x0, labels = dataset.train_set()
+    name = checkpoint_name("consistency-unet", dataset.name, {"config": config, "class_cond": class_cond}, UNET_DEFAULTS)
     net, config, num_classes = _unet_network(dataset, float(x0.std()), config, class_cond)
     loss_fn = ConsistencyTraining(int(steps), int(s0), int(s1), label_dropout=float(label_dropout) if num_classes
                                   else 0.0, null_class=num_classes)
     record = {"dataset": dataset.name, "method": "ct", "config": config, "class_cond": class_cond, "s0": s0, "s1": s1,
               "label_dropout": label_dropout}
-    out = Path(out).with_suffix("") if out else consistency_unet_path(dataset.name)
+    out = training_output(name, out)
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995,
                       checkpoint_every=250)
     train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
-    return out.with_suffix(".safetensors")
+    return checkpoint_files(out)[0]
 
 
 # --- sampling ---------------------------------------------------------------------------------

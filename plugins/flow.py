@@ -23,13 +23,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
 from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
-from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
-from diffbench_plugins.unet import UNET_CONFIGS, ImageModelPlugin, build_unet
+from diffbench_plugins.mlp import MLPDenoiserNet
+from diffbench_plugins.image_model import ImageModelPlugin
+from diffbench_plugins.unet import UNET_PLUGIN
 
 DEFAULTS = {"hidden": 128, "depth": 3, "ot": False, "reflow": False}
 
@@ -67,18 +68,10 @@ def flow_matching_loss(net, x0: torch.Tensor, generator: torch.Generator, ot: bo
 def fit(net, loss_fn, x0, out: Path, record: dict, cfg: TrainConfig, device, progress: bool) -> Path:
     """diffbench.training.train on unlabelled points; returns the checkpoint path."""
     train(net, loss_fn, x0, None, out, record, cfg, device=device, progress=progress)
-    return Path(out).with_suffix(".safetensors")
+    return checkpoint_files(out)[0]
 
 
 # --- the flow-mlp model ---------------------------------------------------------------------
-
-
-def checkpoint_path(dataset_name: str, ot: bool, reflow: bool = False) -> Path:
-    stem = f"flow-mlp-{dataset_name}" + ("-ot" if ot else "") + ("-reflow" if reflow else "")
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return SHIPPED / stem
 
 
 def _build(dataset, hidden: int, depth: int) -> MLPDenoiserNet:
@@ -90,11 +83,7 @@ def _build(dataset, hidden: int, depth: int) -> MLPDenoiserNet:
 def load_flow_mlp(dataset, *, device="cpu", checkpoint="", **options) -> Denoiser:
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    path = Path(checkpoint).with_suffix("") if checkpoint else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
-    if not path.with_suffix(".safetensors").exists():
-        flags = "".join(f" --set {k}=true" for k in ("ot", "reflow") if opts[k])
-        raise Incompatible(f"no flow-mlp checkpoint for {dataset.name!r} at {path}.safetensors; run: diffbench "
-                           f"train --model flow-mlp --dataset {dataset.name}{flags}")
+    path = model_checkpoint("flow-mlp", dataset.name, {**opts, "checkpoint": checkpoint}, DEFAULTS)
     weights, _ = load_checkpoint(path, device)
     net.load_state_dict(weights)
     return Denoiser(net.to(device).eval(), net.process, "velocity", name="flow-mlp")
@@ -114,7 +103,7 @@ def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=51
     ``reflow=true``: fine-tune the trained flow (with the same ``ot``) on 20k of its own couplings."""
     opts = {**DEFAULTS, **options}
     net = _build(dataset, opts["hidden"], opts["depth"])
-    out = Path(out) if out else checkpoint_path(dataset.name, opts["ot"], opts["reflow"])
+    out = training_output(checkpoint_name("flow-mlp", dataset.name, opts, DEFAULTS), out)
     if opts["reflow"]:
         base = load_flow_mlp(dataset, device=device, **{**opts, "reflow": False})
         data = reflow_couplings(base, 20000, dataset.shape[0], int(reflow_steps), int(seed)).to(device)
@@ -137,19 +126,10 @@ def train_flow_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=51
 
 class FlowImagePlugin(ImageModelPlugin):
     """``unet``'s load/train/checkpoint logic with FlowProcess + velocity by default and the CFM
-    loss above (``ot=true``: minibatch OT pairing). Checkpoint ``flow-unet-<dataset>[-ot]``."""
+    loss above (``ot=true``: minibatch OT pairing). Checkpoint ``flow-unet-<dataset>[ot=true]``."""
 
     def options(self) -> dict:
         return {**super().options(), "process": "flow", "parameterization": "velocity", "ot": False}
-
-    def checkpoint_path(self, dataset_name: str, opts: dict) -> Path:
-        path = super().checkpoint_path(dataset_name, opts)
-        if not opts.get("ot"):
-            return path
-        for root in (USER_CACHE, SHIPPED):
-            if (root / f"{path.name}-ot.safetensors").exists():
-                return root / f"{path.name}-ot"
-        return USER_CACHE / f"{path.name}-ot"
 
     def _resolve(self, dataset, options: dict) -> dict:
         opts = super()._resolve(dataset, options)
@@ -167,12 +147,8 @@ class FlowImagePlugin(ImageModelPlugin):
         return loss_fn
 
 
-FLOW_UNET_PLUGIN = FlowImagePlugin(
-    name="flow-unet", configs=UNET_CONFIGS, build=build_unet,
-    dataset_defaults={"digits": "tiny-8px", "shapes": "tiny"}, fallback_config="small",
-    train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
-                    "shapes": {"steps": 700, "batch_size": 32, "lr": 2e-3}},
-)
+# The U-Net's configs, per-dataset defaults and training budgets; only the objective differs.
+FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet"})
 
 
 # --- ODE samplers ---------------------------------------------------------------------------
@@ -315,5 +291,5 @@ def register_samplers(register):
                      description="explicit midpoint (RK2) on the velocity ODE; last step x0 (NFE = 2*steps-1)"))
     register(Sampler(name="flow-dopri5", family="gaussian", fn=sample_flow_dopri5, primary="rtol",
                      options={"rtol": Option(1e-5, min=0.0), "atol": Option(1e-5, min=0.0), "t_eps": Option(1e-4, min=0.0, max=1.0),
-                              "max_nfe": Option(10000, min=1)},
+                              "max_nfe": Option(10000, min=1)}, aliases=("dopri5", "rk45"),
                      description="adaptive Dormand-Prince 5(4) on the velocity ODE (NFE = actual evaluations)"))

@@ -121,7 +121,7 @@ def register_guidance(register):
     register(Guidance(name="none", family="any", apply=lambda denoiser: denoiser, conditional=False,
                       description="no guidance: the model's own (conditional, if it is) prediction"))
     register(Guidance(name="cfg", family="gaussian", apply=apply_cfg, primary="scale",
-                      options={"scale": 1.0, "sigma_min": Option(0.0, min=0.0), "sigma_max": Option(math.inf, min=0.0)},
+                      options={"scale": 1.0, "sigma_min": Option(0.0, min=0.0), "sigma_max": Option(math.inf, min=0.0)}, aliases=("classifier-free",),
                       description="classifier-free guidance (one batched NFE per step); cfg:W, optional σ interval"))
     register(Guidance(name="classifier", family="gaussian", apply=apply_classifier, primary="scale",
                       options={"scale": 1.0, "classifier": ""},

@@ -29,7 +29,7 @@ import diffbench
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible, Metric, Option
-from diffbench_plugins.classifier import checkpoint_path, load_classifier
+from diffbench_plugins.classifier import has_classifier, load_classifier
 from diffbench_plugins.image_data import to_uint8
 
 INCEPTION_ENV = "DIFFBENCH_INCEPTION_WEIGHTS"
@@ -89,8 +89,7 @@ class Uint8Images(torch.utils.data.Dataset):
 def _extractor(ctx: MetricContext, extractor: str, inception_weights: str) -> tuple[str, str, dict]:
     """(torch-fidelity extractor name, column label, extra calculate_metrics kwargs)."""
     if extractor == "auto":
-        extractor = "domain" if checkpoint_path(f"{ctx.dataset.name}-cnn").with_suffix(".safetensors").exists() \
-            else "inception"
+        extractor = "domain" if has_classifier(f"{ctx.dataset.name}-cnn") else "inception"
     if extractor == "domain":
         name = f"{ctx.dataset.name}-cnn"
         load_classifier(name)  # raises Incompatible (with the training command) if missing

@@ -129,6 +129,7 @@ def register_samplers(register):
                      description="MDLM ancestral sampler: reveal each masked token with prob (α_s−α_t)/(1−α_t) per step"))
     llada_options = {"temperature": Option(1.0, min=0.0), "block_length": Option(0, min=0)}
     register(Sampler(name="llada-lowconf", family="masked", fn=sample_llada_lowconf, options=llada_options,
+                     aliases=("llada",),  # low-confidence remasking is LLaDA's default
                      description="LLaDA: predict all masked tokens, keep the most confident per the schedule, remask the rest"))
     register(Sampler(name="llada-random", family="masked", fn=sample_llada_random, options=llada_options,
                      description="LLaDA with random remasking: keep a random subset of predictions per the schedule"))

@@ -19,22 +19,19 @@ checkpoints are time-independent, so any schedule can be used at sampling time.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import MaskedDenoiser
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import timestep_embedding
 from diffbench.registry import Incompatible, Model, Option
 from diffbench.training import TrainConfig, train
 
-SHIPPED = Path(__file__).parent / "checkpoints"
-USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
 ARCH_DEFAULTS = {"hidden": 64, "depth": 2, "heads": 4, "time_cond": False}
 T_MIN = 1e-3  # training times are drawn in [T_MIN, 1]: w(t) = 1/t would blow up at 0
 
@@ -157,14 +154,7 @@ class MaskedTransformer(nn.Module):
 # Plugin: load / train
 
 
-def checkpoint_path(dataset_name: str, schedule: str, arch: dict) -> Path:
-    variant = "" if (schedule, arch) == ("linear", ARCH_DEFAULTS) else "-" + "-".join(
-        [schedule] + [f"{k}{int(v)}" for k, v in arch.items()])
-    stem = f"mdlm-{dataset_name}{variant}"
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return SHIPPED / stem
+TRAINED_DEFAULTS = {"schedule": "linear", **ARCH_DEFAULTS}  # the options a checkpoint is named by
 
 
 def _check_text(dataset):
@@ -181,13 +171,14 @@ def load_mdlm(dataset, *, device="cpu", schedule="linear", prompt="", checkpoint
     vocabulary and kept as the prefix of every sample."""
     _check_text(dataset)
     arch = _arch(arch)
-    path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, schedule, arch)
-    if not checkpoint and not arch["time_cond"] and not path.with_suffix(".safetensors").exists():
+    options = {"schedule": schedule, "checkpoint": checkpoint, **arch}
+    try:
+        path = model_checkpoint("mdlm", dataset.name, options, TRAINED_DEFAULTS)
+    except Incompatible:
+        if checkpoint or arch["time_cond"]:
+            raise
         # A time-independent x0 predictor serves every schedule (the ELBO does not depend on it).
-        path = checkpoint_path(dataset.name, "linear", arch)
-    if not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no mdlm checkpoint for {dataset.name!r} at {path}.safetensors; "
-                           f"run: diffbench train --model mdlm --dataset {dataset.name}")
+        path = model_checkpoint("mdlm", dataset.name, {**options, "schedule": "linear"}, TRAINED_DEFAULTS)
     weights, config = load_checkpoint(path, device)
     model = config["model"]
     if model["signature"] != dataset.info["signature"]:
@@ -212,7 +203,8 @@ def train_mdlm(dataset, out=None, *, device="cpu", steps=1500, batch_size=128, l
     net = MaskedTransformer(vocab_size, **arch)
     sched = make_schedule(schedule)
     x0, _ = dataset.train_set(20000)
-    out = out or checkpoint or checkpoint_path(dataset.name, schedule, arch)
+    out = training_output(checkpoint_name("mdlm", dataset.name, {"schedule": schedule, **arch}, TRAINED_DEFAULTS),
+                          out or checkpoint)
 
     def loss_fn(model, batch, labels, generator):
         denoiser = MaskedDenoiser(model, vocab_size=vocab_size, mask_id=vocab_size, schedule=sched)
@@ -224,7 +216,7 @@ def train_mdlm(dataset, out=None, *, device="cpu", steps=1500, batch_size=128, l
     config = {"dataset": dataset.name, "signature": dataset.info["signature"], "vocab_size": vocab_size,
               "seq_len": seq_len, "schedule": schedule, **arch}
     train(net, loss_fn, x0, None, out, config, cfg, device=device, progress=progress)
-    return Path(out)
+    return checkpoint_files(out)[0]
 
 
 @diffbench.hookimpl

@@ -5,20 +5,17 @@ checkpoints for every toy dataset ship in ``plugins/checkpoints/``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint
+from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.process import PROCESSES, make_process
 from diffbench.registry import Incompatible, Model, Option
-from diffbench.training import TrainConfig, denoising_loss, train, train_command
+from diffbench.training import TrainConfig, denoising_loss, train
 
-SHIPPED = Path(__file__).parent / "checkpoints"
-USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
 DEFAULTS = {"process": "vp-linear", "parameterization": "eps", "hidden": 128, "depth": 3}
 
 
@@ -53,14 +50,6 @@ class MLPDenoiserNet(nn.Module):
         return out if self.skip is None else out + self.skip(temb) * x
 
 
-def checkpoint_path(dataset_name: str, parameterization: str, process: str) -> Path:
-    stem = f"mlp-{dataset_name}" + ("" if (parameterization, process) == ("eps", "vp-linear") else f"-{parameterization}-{process}")
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return SHIPPED / stem
-
-
 def _build(dataset, process, parameterization, hidden, depth):
     if dataset.modality != "points":
         raise Incompatible(f"mlp models point data; {dataset.name!r} is {dataset.modality}")
@@ -71,10 +60,7 @@ def _build(dataset, process, parameterization, hidden, depth):
 def load_mlp(dataset, *, device="cpu", checkpoint="", **options):
     opts = {**DEFAULTS, **options}
     net, proc = _build(dataset, opts["process"], opts["parameterization"], opts["hidden"], opts["depth"])
-    path = Path(checkpoint) if checkpoint else checkpoint_path(dataset.name, opts["parameterization"], opts["process"])
-    if not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no mlp checkpoint for {dataset.name!r} at {path}.safetensors; "
-                           f"run: {train_command('mlp', dataset.name, opts, DEFAULTS)}")
+    path = model_checkpoint("mlp", dataset.name, {**opts, "checkpoint": checkpoint}, DEFAULTS)
     weights, _ = load_checkpoint(path, device)
     net.load_state_dict(weights)
     return Denoiser(net.to(device).eval(), proc, opts["parameterization"], name="mlp")
@@ -86,14 +72,14 @@ def train_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=512, lr
     opts = {**DEFAULTS, **options}
     net, proc = _build(dataset, opts["process"], opts["parameterization"], opts["hidden"], opts["depth"])
     x0, _ = dataset.train_set(20000)
-    out = out or checkpoint_path(dataset.name, opts["parameterization"], opts["process"])
+    out = training_output(checkpoint_name("mlp", dataset.name, opts, DEFAULTS), out)
 
     def loss_fn(model, batch, labels, generator):
         return denoising_loss(model, proc, opts["parameterization"], batch, None, generator)
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.995)
     train(net, loss_fn, x0, None, out, {"dataset": dataset.name, **opts}, cfg, device=device, progress=progress)
-    return Path(out)
+    return checkpoint_files(out)[0]
 
 
 @diffbench.hookimpl

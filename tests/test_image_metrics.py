@@ -11,11 +11,11 @@ from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible
 from diffbench_plugins import image_metrics
-from diffbench_plugins.classifier import checkpoint_path
+from diffbench_plugins.classifier import has_classifier
 from diffbench_plugins.image_data import load_digits
 
 DIGITS = load_digits()
-needs_cnn = pytest.mark.skipif(not checkpoint_path("digits-cnn").with_suffix(".safetensors").exists(),
+needs_cnn = pytest.mark.skipif(not has_classifier("digits-cnn"),
                                reason="digits-cnn checkpoint not shipped")
 
 

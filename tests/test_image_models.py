@@ -10,7 +10,8 @@ from diffbench.process import make_process
 from diffbench.registry import ConfigError, Incompatible
 from diffbench_plugins import image_data
 from diffbench_plugins.dit import DIT_CONFIGS, DIT_PLUGIN, build_dit
-from diffbench_plugins.unet import SHIPPED, UNET_CONFIGS, UNET_PLUGIN, build_unet
+from diffbench.checkpoints import shipped_dir
+from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
 PROC = make_process("vp-linear")
 
@@ -179,7 +180,7 @@ def test_load_rejects_other_modalities_and_missing_checkpoints(tmp_path):
 @pytest.mark.parametrize("dataset", ["digits", "shapes"])
 def test_shipped_checkpoints_load_and_denoise(model, dataset):
     """A shipped model's x0 prediction at moderate noise is closer to the truth than the noisy input."""
-    if not (SHIPPED / f"{model}-{dataset}.safetensors").exists():
+    if not (shipped_dir() / f"{model}-{dataset}.safetensors").exists():
         pytest.skip(f"{model}-{dataset} not shipped")
     ds = {"digits": image_data.load_digits, "shapes": image_data.load_shapes}[dataset]()
     den = {"unet": UNET_PLUGIN, "dit": DIT_PLUGIN}[model].load(ds)
