@@ -157,6 +157,13 @@ class Component:
                 spec.convert(spec.default)
             except ValueError as exc:
                 raise ValueError(f"{self.name!r}: default of option {key!r} {exc}") from None
+        aliases = self.aliases if isinstance(self.aliases, dict) else {alias: {} for alias in self.aliases}
+        for alias, presets in aliases.items():
+            if alias == self.name:
+                raise ValueError(f"{self.name!r}: an alias equal to the name is redundant")
+            if not _NAME_RE.match(alias):
+                raise ValueError(f"{self.name!r}: alias {alias!r} must be kebab-case (a-z, 0-9, '-', optional '+' suffix)")
+        object.__setattr__(self, "aliases", {alias: dict(presets) for alias, presets in aliases.items()})
 
     @property
     def specs(self) -> dict[str, Option]:
@@ -166,13 +173,6 @@ class Component:
     @property
     def defaults(self) -> dict[str, Any]:
         return {key: spec.default for key, spec in self.specs.items()}
-        aliases = self.aliases if isinstance(self.aliases, dict) else {alias: {} for alias in self.aliases}
-        for alias, presets in aliases.items():
-            if alias == self.name:
-                raise ValueError(f"{self.name!r}: an alias equal to the name is redundant")
-            if not _NAME_RE.match(alias):
-                raise ValueError(f"{self.name!r}: alias {alias!r} must be kebab-case (a-z, 0-9, '-', optional '+' suffix)")
-        object.__setattr__(self, "aliases", {alias: dict(presets) for alias, presets in aliases.items()})
 
 
 @dataclass(frozen=True)
