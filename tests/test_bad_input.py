@@ -205,22 +205,17 @@ CASES = [
     ("compare-bad-status", ["compare", "{tmp}/badstatus", "{tmp}/base"], 2, "unknown status ('okay'"),
     ("compare-garbage-json", ["compare", "{tmp}/badjson", "{tmp}/base"], 2, "results.json: not valid JSON"),
     ("compare-missing-cell", ["compare", "{tmp}/missing_cell", "{tmp}/base"], 1, "1 regression(s)"),
-    ("compare-tol-missing", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/nope.toml"], 2,
-     "nope.toml: cannot read"),
-    ("compare-tol-malformed", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_malformed.toml"], 2,
-     "not valid TOML"),
-    ("compare-tol-table", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_unknown_table.toml"], 2,
-     "unknown table [speed]"),
-    ("compare-tol-key", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_unknown_key.toml"], 2,
-     "unknown key 'relative' in [metrics]"),
-    ("compare-tol-type", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_bad_type.toml"], 2,
-     "[metrics] rel must be a number >= 0, got 'x'"),
-    ("compare-tol-negative", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_negative.toml"], 2,
-     "[timing] ratio must be a number >= 0"),
-    ("compare-tol-columns", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_columns.toml"], 2,
-     "[columns.swd] must be a table"),
-    ("compare-tol-column-key", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_column_key.toml"], 2,
-     "unknown key 'foo' in [columns.swd]"),
+    *[(f"compare-tol-{name}", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", f"{{tmp}}/{file}"], 2, fragment)
+      for name, file, fragment in [
+          ("missing", "nope.toml", "nope.toml: cannot read"),
+          ("malformed", "tol_malformed.toml", "not valid TOML"),
+          ("table", "tol_unknown_table.toml", "unknown table [speed]"),
+          ("key", "tol_unknown_key.toml", "unknown key 'relative' in [metrics]"),
+          ("type", "tol_bad_type.toml", "[metrics] rel must be a number >= 0, got 'x'"),
+          ("negative", "tol_negative.toml", "[timing] ratio must be a number >= 0"),
+          ("columns", "tol_columns.toml", "[columns.swd] must be a table"),
+          ("column-key", "tol_column_key.toml", "unknown key 'foo' in [columns.swd]"),
+      ]],
 ]
 
 

@@ -216,3 +216,13 @@ def _rows_on_disk(out):
         return json.loads((out / "results.json").read_text())["rows"]
     except (OSError, ValueError, KeyError):
         return []
+
+
+def test_a_diverging_training_stops_without_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ck" / "mlp-moons"
+    result = CliRunner().invoke(main, ["train", "--model", "mlp", "--dataset", "moons", "--out", str(out),
+                                       "--set", "steps=60", "--set", "lr=1e30"])
+    assert result.exit_code == 1, result.output
+    assert "training loss became NaN or Inf" in result.output and "no checkpoint written" in result.output
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
