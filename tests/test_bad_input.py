@@ -320,3 +320,20 @@ def test_real_process_prints_no_traceback(scratch, args):
                           capture_output=True, text=True, cwd=scratch / "empty_images", timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_overwrite_replaces_an_earlier_run_and_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+
+    def run(*extra):
+        return CliRunner().invoke(main, [*grid(steps="3"), "--out", out, "--in-process", *extra])
+
+    assert run().exit_code == 0
+    assert run().exit_code == 2
+    assert run("--samplers", "ddpm", "--overwrite").exit_code == 0
+    import pandas as pd
+
+    assert pd.read_csv(Path(out) / "results.csv")["sampler"].tolist() == ["ddpm"]
+    assert run("--samplers", "ddpm,ddim", "--resume").exit_code == 0
+    assert sorted(pd.read_csv(Path(out) / "results.csv")["sampler"]) == ["ddim", "ddpm"]
