@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 import pandas as pd
 from tabulate import tabulate
 
+from diffbench.io import read_text
 from diffbench.registry import ConfigError
 from diffbench.results import KEY_COLUMNS, STATUSES, load_rows
 
@@ -60,10 +61,10 @@ def load_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, bool]]:
     if not csv.is_file():
         raise BrokenRun(f"{directory}: no results.csv")
     try:
-        text = csv.read_bytes().decode("utf-8")
+        text = read_text(csv)
         df = pd.read_csv(io.StringIO(text))
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
-        raise BrokenRun(f"{csv}: unreadable ({type(exc).__name__}: {exc})") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BrokenRun(f"{csv}: unreadable ({exc})") from None
     if not text.endswith("\n"):
         raise BrokenRun(f"{csv}: truncated (the last row is incomplete)")
     missing = [c for c in KEY_COLUMNS + ["status", "nfe"] if c not in df.columns]
@@ -107,11 +108,11 @@ def load_tolerances(path: str | Path | None) -> dict:
     if path is None:
         return tolerances
     try:
-        user = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"--tolerances {path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        user = tomllib.loads(read_text(path))
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--tolerances {path}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # unreadable or not UTF-8
+        raise ConfigError(f"--tolerances {exc}") from None
     for key, value in user.items():
         if key not in tolerances:
             raise ConfigError(f"--tolerances {path}: unknown table [{key}]; valid: {', '.join(tolerances)}")

@@ -17,6 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from diffbench.data import DataSource
+from diffbench.io import read_text
 from diffbench.registry import ConfigError, Option, Ref, Registry, convert_options, split_list
 
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
@@ -89,13 +90,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    except ValueError as exc:  # unreadable or not UTF-8
+        raise ConfigError(f"config file {exc}") from None
     unknown_tables = sorted(set(data) - {"run"})
     if unknown_tables:
         raise ConfigError(f"{path}: unknown table [{unknown_tables[0]}]; valid tables: [run]")

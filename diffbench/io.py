@@ -33,15 +33,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: str | Path) -> Any:
-    """The JSON in ``path``; ValueError naming the file when it is unreadable, not UTF-8 or not JSON."""
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path``; ValueError naming the file when it is unreadable or not UTF-8."""
     path = Path(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; ValueError naming the file when it is unreadable, not UTF-8 or not JSON."""
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {exc}") from None
 

@@ -86,7 +86,7 @@ class Option:
         elif kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         if self.default is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
-            raise ValueError(f"must be {_TYPE_NAMES[kind]}")
+            raise ValueError(f"must be {_TYPE_NAMES.get(kind, kind.__name__)}")
         if kind is float and math.isnan(value):
             raise ValueError("must be a number, not nan")
         if self.choices and value not in self.choices:
@@ -105,8 +105,8 @@ def _from_text(text: str, kind: type) -> Any:
     if kind is bool:
         return True if text.lower() in _TRUE else False if text.lower() in _FALSE else text
     try:
-        return kind(text)
-    except (TypeError, ValueError):
+        return kind(text) if kind in (int, float) else text
+    except ValueError:
         return text
 
 

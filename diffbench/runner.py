@@ -40,7 +40,7 @@ class CellFailure(Exception):
         super().__init__(f"{SINGULAR[component.kind]} {component.name!r} (plugin {component.plugin}) {what}")
 
 
-def raised(component: Component, exc: BaseException) -> CellFailure:
+def _raised(component: Component, exc: BaseException) -> CellFailure:
     if isinstance(exc, SystemExit):
         return CellFailure(component, f"called sys.exit({exc.code!r})")
     return CellFailure(component, f"raised {type(exc).__name__}: {exc}")
@@ -54,7 +54,7 @@ def _call(component: Component, fn, *args, **kwargs):
     except (Incompatible, CellFailure, NetworkError):
         raise
     except (Exception, SystemExit) as exc:
-        raise raised(component, exc) from exc
+        raise _raised(component, exc) from exc
 
 
 def check_sample_output(component: Component, out, expected: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,10 @@ def check_sample_output(component: Component, out, expected: torch.Tensor) -> to
     return out
 
 
+class SampleError(Exception):
+    """The cell's samples are unusable (not finite): the cell fails with this reason."""
+
+
 def check_finite_samples(cell: Cell, samples: torch.Tensor) -> None:
     """A cell whose samples hold NaN or Inf fails before any metric sees them."""
     if samples.is_floating_point():
@@ -77,10 +81,6 @@ def check_finite_samples(cell: Cell, samples: torch.Tensor) -> None:
         if bad:
             raise SampleError(f"{bad} of {len(samples)} samples are not finite (model {cell.model.label!r}, "
                               f"sampler {cell.sampler.label!r}, guidance {cell.guidance.label!r})")
-
-
-class SampleError(Exception):
-    """The cell's samples are unusable (not finite): the cell fails with this reason."""
 
 
 def check_metric_value(metric: Component, column: str, value) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from importlib.metadata import entry_points
@@ -32,11 +33,16 @@ class WorkerDied(Exception):
     """The worker process ended (or had to be killed) before answering."""
 
 
-def serve(conn, plugins: list[str], config: RunConfig, out_dir: str) -> None:
-    """The worker's loop: build the registry, then run each cell received until ``None``."""
+def serve(conn, plugins: list[str], config: RunConfig, out_dir: str, cwd: str, environ: dict) -> None:
+    """The worker's loop: build the registry, then run each cell received until ``None``. The
+    worker takes the supervisor's working directory and environment (the forkserver has the ones
+    it started with), so relative paths and variables such as Inception weights mean the same."""
     from diffbench.nn.attention import use_backend
     from diffbench.plugins import build_registry
 
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environ)
     try:
         runner = GridRunner(build_registry(plugins), config, Path(out_dir), progress=False)
     except BaseException as exc:  # reported to the supervisor; it was already validated there
@@ -75,7 +81,7 @@ class Supervisor:
 
     def __init__(self, registry: Registry, config: RunConfig, out_dir: Path, *, plugins=(), cell_timeout_s: float):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
-        self.plugins = [str(p) for p in plugins]
+        self.plugins = [str(Path(p).resolve()) for p in plugins]
         self.cell_timeout_s = cell_timeout_s
         self.device = resolve_device(config.device)
         methods = multiprocessing.get_all_start_methods()
@@ -89,8 +95,8 @@ class Supervisor:
         """Start a worker now (its start-up then overlaps with the supervisor's own work)."""
         if self._process is None:
             parent, child = self._context.Pipe()
-            self._process = self._context.Process(target=serve, args=(child, self.plugins, self.config,
-                                                                      str(self.out_dir)), daemon=True)
+            args = (child, self.plugins, self.config, str(self.out_dir.resolve()), os.getcwd(), dict(os.environ))
+            self._process = self._context.Process(target=serve, args=args, daemon=True)
             self._process.start()
             child.close()
             self._conn = parent

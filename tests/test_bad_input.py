@@ -205,22 +205,17 @@ CASES = [
     ("compare-bad-status", ["compare", "{tmp}/badstatus", "{tmp}/base"], 2, "unknown status ('okay'"),
     ("compare-garbage-json", ["compare", "{tmp}/badjson", "{tmp}/base"], 2, "results.json: not valid JSON"),
     ("compare-missing-cell", ["compare", "{tmp}/missing_cell", "{tmp}/base"], 1, "1 regression(s)"),
-    ("compare-tol-missing", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/nope.toml"], 2,
-     "nope.toml: cannot read"),
-    ("compare-tol-malformed", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_malformed.toml"], 2,
-     "not valid TOML"),
-    ("compare-tol-table", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_unknown_table.toml"], 2,
-     "unknown table [speed]"),
-    ("compare-tol-key", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_unknown_key.toml"], 2,
-     "unknown key 'relative' in [metrics]"),
-    ("compare-tol-type", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_bad_type.toml"], 2,
-     "[metrics] rel must be a number >= 0, got 'x'"),
-    ("compare-tol-negative", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_negative.toml"], 2,
-     "[timing] ratio must be a number >= 0"),
-    ("compare-tol-columns", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_columns.toml"], 2,
-     "[columns.swd] must be a table"),
-    ("compare-tol-column-key", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", "{tmp}/tol_column_key.toml"], 2,
-     "unknown key 'foo' in [columns.swd]"),
+    *[(f"compare-tol-{name}", ["compare", "{tmp}/base", "{tmp}/base", "--tolerances", f"{{tmp}}/{file}"], 2, fragment)
+      for name, file, fragment in [
+          ("missing", "nope.toml", "nope.toml: cannot read"),
+          ("malformed", "tol_malformed.toml", "not valid TOML"),
+          ("table", "tol_unknown_table.toml", "unknown table [speed]"),
+          ("key", "tol_unknown_key.toml", "unknown key 'relative' in [metrics]"),
+          ("type", "tol_bad_type.toml", "[metrics] rel must be a number >= 0, got 'x'"),
+          ("negative", "tol_negative.toml", "[timing] ratio must be a number >= 0"),
+          ("columns", "tol_columns.toml", "[columns.swd] must be a table"),
+          ("column-key", "tol_column_key.toml", "unknown key 'foo' in [columns.swd]"),
+      ]],
 ]
 
 
@@ -325,3 +320,20 @@ def test_real_process_prints_no_traceback(scratch, args):
                           capture_output=True, text=True, cwd=scratch / "empty_images", timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_overwrite_replaces_an_earlier_run_and_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+
+    def run(*extra):
+        return CliRunner().invoke(main, [*grid(steps="3"), "--out", out, "--in-process", *extra])
+
+    assert run().exit_code == 0
+    assert run().exit_code == 2
+    assert run("--samplers", "ddpm", "--overwrite").exit_code == 0
+    import pandas as pd
+
+    assert pd.read_csv(Path(out) / "results.csv")["sampler"].tolist() == ["ddpm"]
+    assert run("--samplers", "ddpm,ddim", "--resume").exit_code == 0
+    assert sorted(pd.read_csv(Path(out) / "results.csv")["sampler"]) == ["ddim", "ddpm"]

@@ -18,11 +18,11 @@ def test_unknown_option_lists_the_valid_options(cli):
     ("[run]\nmodels = [\"gmm-oracle\"]\nsamplers = [\"ddim\"]\ndatasets = [\"gmm-2d\"]\nsteps = [10]\nnum_sample = 5\n",
      "unknown key run.num_sample"),
     ("[run]\nmodels = [\"gmm-oracle\"]\nsamplers = [\"ddim\"]\ndatasets = [\"gmm-2d\"]\nsteps = [\"ten\"]\n",
-     "run.steps: 'ten' is not an integer"),
+     "run.steps: 'ten' must be an integer"),
     ("[run]\nmodels = [\"gmm-oracle\"]\nsamplers = [\"ddim\"]\ndatasets = [\"gmm-2d\"]\nsteps = [10]\nseed = \"x\"\n",
-     "run.seed must be int, got 'x'"),
+     "seed='x' must be an integer"),
     ("[run]\nmodels = [\"gmm-oracle\"]\nsamplers = [\"ddim\"]\ndatasets = [\"gmm-2d\"]\nsteps = [10]\ndevice = \"tpu\"\n",
-     "run.device: 'tpu'"),
+     "device='tpu' must be one of auto, cpu, cuda"),
     ("[runn]\nmodels = []\n", "unknown table [runn]"),
 ])
 def test_bad_config_names_the_key(cli, tmp_path, toml, expected):
