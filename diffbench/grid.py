@@ -1,12 +1,15 @@
 """The run configuration (bench.toml + CLI flags) and its expansion into cells.
 
 Every axis is a list. Validation errors name the key, the bad value and the valid choices.
+Settings come from CLI flags, else the config file (``--config`` or ``./bench.toml``), else the
+grid embedded in the package (``default_grid.toml``, used only when there is no config file).
+When neither flags nor config name datasets, each model runs on its own default datasets.
 """
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from diffbench.checkpoints import checkpoint_name, find_checkpoint
 from diffbench.process import SPACINGS
 from diffbench.registry import ConfigError, Ref, Registry, split_list
 
+DEFAULT_GRID = Path(__file__).with_name("default_grid.toml")
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("triton", "sdpa", "math")
@@ -59,16 +64,21 @@ class RunConfig:
     device: str = "auto"
     attention: str = "sdpa"
     save_samples: bool = False
+    model_datasets: dict[str, list[Ref]] = field(default_factory=dict)  # model label -> datasets, if no datasets
+
+    def datasets_of(self, model: Ref) -> list[Ref]:
+        return self.datasets or self.model_datasets[model.label]
 
     def cells(self) -> list[Cell]:
-        return [Cell(*combo) for combo in itertools.product(self.models, self.samplers, self.guidance,
-                                                             self.datasets, self.steps)]
+        return [Cell(model, *combo) for model in self.models
+                for combo in itertools.product(self.samplers, self.guidance, self.datasets_of(model), self.steps)]
 
     def as_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = [str(v) for v in value] if f.name in AXES else value
+        out["model_datasets"] = {m: [str(d) for d in ds] for m, ds in self.model_datasets.items()}
         return out
 
 
@@ -105,13 +115,13 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(settings) - set(VALID_KEYS))
     if unknown:
         raise ConfigError(f"unknown key run.{unknown[0]} = {settings[unknown[0]]!r}; valid keys: {', '.join(VALID_KEYS)}")
-    missing = [k for k in ("models", "samplers", "datasets", "steps") if not settings.get(k)]
+    missing = [k for k in ("models", "samplers", "steps") if not settings.get(k)]
     if missing:
         raise ConfigError(f"run.{missing[0]} is required (in the config file or as --{missing[0]})")
 
     axes = {}
     for kind in AXES:
-        values = _as_list(kind, settings.get(kind, ["none"] if kind == "guidance" else []))
+        values = _as_list(kind, settings.get(kind) or (["none"] if kind == "guidance" else []))
         refs = []
         for item in values:
             if not isinstance(item, str):
@@ -153,4 +163,50 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"run.device: {scalars['device']!r} is not one of {', '.join(DEVICES)}")
     if scalars.get("attention", "sdpa") not in ATTENTION:
         raise ConfigError(f"run.attention: {scalars['attention']!r} is not one of {', '.join(ATTENTION)}")
-    return RunConfig(**axes, steps=steps, **scalars)
+    model_datasets = {} if axes["datasets"] else {m.label: default_datasets(registry, m) for m in axes["models"]}
+    return RunConfig(**axes, steps=steps, **scalars, model_datasets=model_datasets)
+
+
+def default_datasets(registry: Registry, model: Ref) -> list[Ref]:
+    """The datasets a model runs on when nobody names any: those it declares (``Model.datasets``),
+    else those its checkpoints cover (``<model>-<dataset>[<its options>]`` in the user cache or shipped)."""
+    component = registry.get("models", model.name)
+
+    def covered(options: dict) -> list[str]:
+        return [name for name in registry.names("datasets")
+                if find_checkpoint(checkpoint_name(model.name, name, options, component.options)) is not None]
+
+    names = list(component.datasets) or covered(dict(model.options)) or covered({})
+    if not names:
+        raise ConfigError(f"run.datasets: model {model.label!r} has no checkpoints to pick its datasets from; "
+                          f"name them with --datasets (valid datasets: {', '.join(registry.names('datasets'))})")
+    return [registry.resolve("datasets", name) for name in names]
+
+
+def load_settings(config_path: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged settings and where each came from: a flag, the config file (``config_path`` or
+    ``./bench.toml``) or, when there is no config file, the grid embedded in the package."""
+    path = config_path or ("bench.toml" if Path("bench.toml").is_file() else None)
+    settings = read_toml(path or DEFAULT_GRID)
+    sources = dict.fromkeys(settings, str(path) if path else "default")
+    given = {k: v for k, v in flags.items() if v is not None}
+    settings.update(given)
+    sources.update(dict.fromkeys(given, "flag"))
+    return settings, sources
+
+
+def describe(config: RunConfig, sources: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, resolved value, source) rows for ``diffbench run --show-config``."""
+    rows = []
+    for key, value in config.as_dict().items():
+        if key == "model_datasets":
+            continue
+        if key == "datasets" and not value:
+            value = "; ".join(f"{m}: {', '.join(ds)}" for m, ds in config.as_dict()["model_datasets"].items())
+            rows.append((key, value, "per model (the datasets its checkpoints cover)"))
+            continue
+        # TOML spelling (true/false); tabulate's column wrapping would turn the string "False" into True.
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        rows.append((key, shown, sources.get(key, "built-in default")))
+    return rows
