@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from diffbench.io import atomic_write_bytes, atomic_write_text
 from diffbench.registry import Incompatible, Ref
 
-__all__ = ["CACHE_ENV", "changed_options", "checkpoint_files", "checkpoint_name", "checkpoint_stem", "load_checkpoint",
-           "locate_checkpoint", "model_checkpoint", "save_checkpoint", "shipped_dir", "train_command", "training_output",
-           "user_cache"]
+__all__ = ["CACHE_ENV", "changed_options", "checkpoint_files", "checkpoint_name", "checkpoint_stem", "find_checkpoint",
+           "load_checkpoint", "locate_checkpoint", "model_checkpoint", "save_checkpoint", "shipped_dir", "train_command",
+           "training_output", "user_cache"]
 
 CACHE_ENV = "DIFFBENCH_CACHE"
 LOAD_ONLY_OPTIONS = ("checkpoint",)  # options of every model that do not change what is trained
@@ -124,6 +124,14 @@ def locate_checkpoint(name: str, *, explicit: str | Path = "", train_hint: str =
             return path
     looked = " or ".join(f"{p}.safetensors" for p in candidates)
     raise Incompatible(f"no checkpoint {name!r} at {looked}" + (f"; run: {train_hint}" if train_hint else ""))
+
+
+def find_checkpoint(name: str, *, shipped: Path | None = None) -> Path | None:
+    """Like :func:`locate_checkpoint`, but None when there is none."""
+    try:
+        return locate_checkpoint(name, shipped=shipped)
+    except Incompatible:
+        return None
 
 
 def training_output(name: str, out: str | Path | None = None) -> Path:

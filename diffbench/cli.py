@@ -94,7 +94,8 @@ def main():
     steps, wall-clock and memory.
 
     \b
-    diffbench run                                     # the default grid of ./bench.toml
+    diffbench run                                     # ./bench.toml, else the package's default grid
+    diffbench run --show-config                       # what a run would do, and why
     diffbench run --models mlp --samplers ddim,ddpm --steps 10,50 --datasets moons
     diffbench list samplers                           # what is installed
     diffbench compare results/latest results/baseline # CI regression gate
@@ -127,7 +128,9 @@ def main():
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False),
               help="Load a plugin from a .py file (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugins, quiet, **flags):
+@click.option("--show-config", is_flag=True, help="Print the resolved grid and where each value came from "
+              "(flag, config file, or the package's default grid), then exit without running.")
+def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugins, quiet, show_config, **flags):
     """Run a grid of model × sampler × guidance × dataset × steps and tabulate steps, NFE,
     wall-clock, peak memory and quality metrics. Each cell runs in a supervised worker process:
     a crash or a cell past --cell-timeout fails that cell, and the grid goes on.
@@ -135,17 +138,22 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
     Exit status: 0 every cell ok or skipped with a reason, 1 some cell failed, 2 bad input
     (nothing run, nothing written).
     """
-    from diffbench.grid import build_config, check_memory, load_datasets, read_toml
+    from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings
     from diffbench.results import terminal_table
     from diffbench.runner import GridRunner, resolve_device
     from diffbench.worker import Supervisor
 
     try:
         registry = _registry(plugins)
-        path = config_path or ("bench.toml" if Path("bench.toml").is_file() else None)
-        settings = read_toml(path) if path else {}
-        settings.update({k: v for k, v in flags.items() if v is not None})
+        settings, sources = load_settings(config_path, flags)
         config = build_config(registry, settings)
+        if show_config:
+            from tabulate import tabulate
+
+            click.echo(tabulate(describe(config, sources), headers=["key", "value", "from"], tablefmt="simple",
+                                maxcolwidths=[None, 70, None]))
+            click.echo(f"\n{len(config.cells())} cells")
+            return
         device = resolve_device(config.device)
         datasets = load_datasets(registry, config)
         check_memory(config, datasets, *_available_memory(device))

@@ -1,13 +1,16 @@
 """The run configuration (bench.toml + CLI flags) and its expansion into cells.
 
 Every axis is a list. Validation errors name the key, the bad value and the valid choices.
+Settings come from CLI flags, else the config file (``--config`` or ``./bench.toml``), else the
+grid embedded in the package (``default_grid.toml``, used only when there is no config file).
+When neither flags nor config name datasets, each model runs on its own default datasets.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from diffbench.checkpoints import checkpoint_name, find_checkpoint
 from diffbench.data import DataSource
 from diffbench.io import read_text
 from diffbench.registry import ConfigError, Option, Ref, Registry, convert_options, split_list
 
+DEFAULT_GRID = Path(__file__).with_name("default_grid.toml")
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("triton", "sdpa", "math")
@@ -61,16 +66,21 @@ class RunConfig:
     device: str = "auto"
     attention: str = "sdpa"
     save_samples: bool = False
+    model_datasets: dict[str, list[Ref]] = field(default_factory=dict)  # model label -> datasets, if no datasets
+
+    def datasets_of(self, model: Ref) -> list[Ref]:
+        return self.datasets or self.model_datasets[model.label]
 
     def cells(self) -> list[Cell]:
-        return [Cell(*combo) for combo in itertools.product(self.models, self.samplers, self.guidance,
-                                                             self.datasets, self.steps)]
+        return [Cell(model, *combo) for model in self.models
+                for combo in itertools.product(self.samplers, self.guidance, self.datasets_of(model), self.steps)]
 
     def as_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = [str(v) for v in value] if f.name in AXES else value
+        out["model_datasets"] = {m: [str(d) for d in ds] for m, ds in self.model_datasets.items()}
         return out
 
 
@@ -119,7 +129,7 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(settings) - set(VALID_KEYS))
     if unknown:
         raise ConfigError(f"unknown key run.{unknown[0]} = {settings[unknown[0]]!r}; valid keys: {', '.join(VALID_KEYS)}")
-    missing = [k for k in ("models", "samplers", "datasets", "steps") if settings.get(k) in (None, "", [])]
+    missing = [k for k in ("models", "samplers", "steps") if settings.get(k) in (None, "", [])]
     if missing:
         raise ConfigError(f"run.{missing[0]} is required (in the config file or as --{missing[0]})")
 
@@ -145,7 +155,8 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"run.steps: {item!r} {exc}") from None
 
     scalars = convert_options("run", RUN_OPTIONS, {k: v for k, v in settings.items() if k in RUN_OPTIONS and v is not None})
-    return RunConfig(**axes, steps=steps, **scalars)
+    model_datasets = {} if axes["datasets"] else {m.label: default_datasets(registry, m) for m in axes["models"]}
+    return RunConfig(**axes, steps=steps, **scalars, model_datasets=model_datasets)
 
 
 def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> DataSource:
@@ -166,7 +177,8 @@ def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> D
 def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource]:
     """Every dataset of the grid, loaded before anything runs or is created: a missing path or a
     truncated or corrupt file is bad input, not a failed cell per model."""
-    return {ref.label: load_dataset(registry, ref) for ref in config.datasets}
+    refs = dict.fromkeys(cell.dataset for cell in config.cells())  # per-model defaults included
+    return {ref.label: load_dataset(registry, ref) for ref in refs}
 
 
 def check_memory(config: RunConfig, datasets: dict[str, DataSource], available_bytes: int, where: str) -> None:
@@ -181,3 +193,48 @@ def check_memory(config: RunConfig, datasets: dict[str, DataSource], available_b
                 f"run.num_samples = {config.num_samples} (batch_size {batch}) on {label} (samples of shape "
                 f"{list(dataset.shape)}) needs at least {need / 2**30:.1f} GiB, more than the "
                 f"{available_bytes / 2**30:.1f} GiB available {where}; lower --num-samples or --batch-size")
+
+
+def default_datasets(registry: Registry, model: Ref) -> list[Ref]:
+    """The datasets a model runs on when nobody names any: those it declares (``Model.datasets``),
+    else those its checkpoints cover (``<model>-<dataset>[<its options>]`` in the user cache or shipped)."""
+    component = registry.get("models", model.name)
+
+    def covered(options: dict) -> list[str]:
+        return [name for name in registry.names("datasets")
+                if find_checkpoint(checkpoint_name(model.name, name, options, component.options)) is not None]
+
+    names = list(component.datasets) or covered(dict(model.options)) or covered({})
+    if not names:
+        raise ConfigError(f"run.datasets: model {model.label!r} has no checkpoints to pick its datasets from; "
+                          f"name them with --datasets (valid datasets: {', '.join(registry.names('datasets'))})")
+    return [registry.resolve("datasets", name) for name in names]
+
+
+def load_settings(config_path: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged settings and where each came from: a flag, the config file (``config_path`` or
+    ``./bench.toml``) or, when there is no config file, the grid embedded in the package."""
+    path = config_path or ("bench.toml" if Path("bench.toml").is_file() else None)
+    settings = read_toml(path or DEFAULT_GRID)
+    sources = dict.fromkeys(settings, str(path) if path else "default")
+    given = {k: v for k, v in flags.items() if v is not None}
+    settings.update(given)
+    sources.update(dict.fromkeys(given, "flag"))
+    return settings, sources
+
+
+def describe(config: RunConfig, sources: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, resolved value, source) rows for ``diffbench run --show-config``."""
+    rows = []
+    for key, value in config.as_dict().items():
+        if key == "model_datasets":
+            continue
+        if key == "datasets" and not value:
+            value = "; ".join(f"{m}: {', '.join(ds)}" for m, ds in config.as_dict()["model_datasets"].items())
+            rows.append((key, value, "per model (the datasets its checkpoints cover)"))
+            continue
+        # TOML spelling (true/false); tabulate's column wrapping would turn the string "False" into True.
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        rows.append((key, shown, sources.get(key, "built-in default")))
+    return rows

@@ -181,10 +181,14 @@ class Model(Component):
 
     ``train(dataset, out: Path, *, device, **options)`` (optional) trains it and writes a
     checkpoint; ``diffbench train`` calls it.
+
+    ``datasets``: what the model runs on when neither flags nor config name datasets. Empty (the
+    default): the datasets its checkpoints cover (:func:`diffbench.grid.default_datasets`).
     """
 
     load: Callable[..., Any] = None
     train: Callable[..., Any] | None = None
+    datasets: tuple[str, ...] = ()
     kind = "models"
 
 

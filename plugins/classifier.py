@@ -23,7 +23,6 @@ from diffbench.denoiser import _per_sample
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.nn.layers import group_norm
 from diffbench.process import make_process
-from diffbench.registry import Incompatible
 from diffbench.training import TrainConfig, sample_train_times, train
 
 
@@ -63,13 +62,6 @@ class ConvClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.features(x, t))
-
-
-def has_classifier(name: str) -> bool:
-    try:
-        return bool(locate_checkpoint(name))
-    except Incompatible:
-        return False
 
 
 def load_classifier(name: str, device="cpu", checkpoint: str | Path = "") -> ConvClassifier:

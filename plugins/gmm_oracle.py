@@ -21,4 +21,4 @@ def load_gmm_oracle(dataset, *, device="cpu", process="vp-linear"):
 def register_models(register):
     register(Model(name="gmm-oracle", family="gaussian", load=load_gmm_oracle,
                    description="exact posterior-mean denoiser of a Gaussian mixture, under any Gaussian process",
-                   options={"process": Option("vp-linear", choices=tuple(PROCESSES))}))
+                   options={"process": Option("vp-linear", choices=tuple(PROCESSES))}, datasets=("gmm-2d", "mog-1d")))

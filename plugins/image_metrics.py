@@ -26,10 +26,11 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 import diffbench
+from diffbench.checkpoints import find_checkpoint
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible, Metric, Option
-from diffbench_plugins.classifier import has_classifier, load_classifier
+from diffbench_plugins.classifier import load_classifier
 from diffbench_plugins.image_data import to_uint8
 
 INCEPTION_ENV = "DIFFBENCH_INCEPTION_WEIGHTS"
@@ -89,7 +90,7 @@ class Uint8Images(torch.utils.data.Dataset):
 def _extractor(ctx: MetricContext, extractor: str, inception_weights: str) -> tuple[str, str, dict]:
     """(torch-fidelity extractor name, column label, extra calculate_metrics kwargs)."""
     if extractor == "auto":
-        extractor = "domain" if has_classifier(f"{ctx.dataset.name}-cnn") else "inception"
+        extractor = "domain" if find_checkpoint(f"{ctx.dataset.name}-cnn") is not None else "inception"
     if extractor == "domain":
         name = f"{ctx.dataset.name}-cnn"
         load_classifier(name)  # raises Incompatible (with the training command) if missing

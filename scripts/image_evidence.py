@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from diffbench.checkpoints import find_checkpoint
 from diffbench.metrics import MetricContext
 from diffbench.rng import SampleGenerators
 from diffbench_plugins import samplers as sampler_module
 from diffbench_plugins.dit import DIT_PLUGIN
-from diffbench_plugins.classifier import has_classifier
 from diffbench_plugins.guidance import apply_cfg, apply_classifier
 from diffbench_plugins.image_data import load_digits, load_shapes
 from diffbench_plugins.image_metrics import compute_class_acc, compute_fid
@@ -111,7 +111,7 @@ def main():
                 xg, labels, nfe_g, _ = generate(den, ds.shape, n, 50, "ddim", cfg=w)
                 acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))
                 rows_cfg.append((ds_name, model, f"cfg:{w:g}", nfe_g, acc, fid_of(ds, xg, reference, cache)))
-            if has_classifier(f"{ds_name}-noisy-cnn"):
+            if find_checkpoint(f"{ds_name}-noisy-cnn") is not None:
                 for s in (1.0, 3.0):
                     xg, labels, nfe_g, _ = generate(apply_classifier(den, s), ds.shape, n, 50, "ddim")
                     acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))

@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
+from diffbench.checkpoints import find_checkpoint
 from diffbench.denoiser import Denoiser
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible
 from diffbench_plugins import image_metrics
-from diffbench_plugins.classifier import has_classifier
 from diffbench_plugins.image_data import load_digits
 
 DIGITS = load_digits()
-needs_cnn = pytest.mark.skipif(not has_classifier("digits-cnn"),
+needs_cnn = pytest.mark.skipif(find_checkpoint("digits-cnn") is None,
                                reason="digits-cnn checkpoint not shipped")
 
 
