@@ -52,8 +52,7 @@ class _Grid:
         return x0, (x0 if self.data_prediction else (x - self.alpha[i] * x0) / self.sigma[i])
 
     def first_order_part(self, x, i, j, m0):
-        """The exact linear part plus m held constant (DDIM / DPM-Solver-1) from time i to j, and
-        the exponential integrator's (e^{±h} − 1) factor ``hh_phi1`` used by UniPC."""
+        """The exact linear part plus m held constant from time i to j (DDIM / DPM-Solver-1)."""
         h = self.lam[j] - self.lam[i]
         if self.data_prediction:
             return self.sigma[j] / self.sigma[i] * x - self.alpha[j] * math.expm1(-h) * m0
@@ -226,9 +225,10 @@ def sample_sa_solver(denoiser, x, timesteps, *, generator, callback=None, predic
                                          data)
         history = [(i, m)] + history[: max(predictor_order, corrector_order - 1) - 1]
         noise = generator.randn_like(x)
-        final = lower_order_final
-        k_p = min(predictor_order, i + 1, steps - i if final else predictor_order)
-        previous = (x, noise, min(corrector_order, i + 2, steps - i + 1 if final else corrector_order))
+        # Orders warm up and, with lower_order_final, fall at the end (diffusers' SASolverScheduler).
+        k_p = min(predictor_order, i + 1, steps - i if lower_order_final else predictor_order)
+        k_c = min(corrector_order, i + 2, steps - i + 1 if lower_order_final else corrector_order)
+        previous = (x, noise, k_c)
         if grid.sigma[i + 1] == 0:
             x = x0
         else:
