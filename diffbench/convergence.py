@@ -49,6 +49,17 @@ DEFAULT_SAMPLERS = {
     "dpm-solver++[variant=2m]": 2,
     "dpm-solver++[variant=3m]": 3,
     "dpm-solver++[variant=2s]": 2,
+    # UniPC: UniP-p is order p, the corrector UniC raises it to p + 1 (Zhao et al. 2023, §3.1: UniC-p has order p + 1).
+    "unipc[order=1]": 2,
+    "unipc[order=2]": 3,
+    "unipc[order=2,variant=bh1]": 3,
+    "unipc[order=2,prediction=noise]": 3,
+    "unipc[order=2,corrector=false]": 2,
+    "deis[order=1]": 1,
+    "deis[order=2]": 2,
+    "deis[order=3]": 3,
+    # SA-Solver at τ = 0 (the ODE): Adams PC of order min(predictor_order + 1, corrector_order).
+    "sa-solver[tau=0]": 2,
 }
 
 
@@ -87,7 +98,8 @@ def measure(denoiser: Denoiser, x_T: torch.Tensor, reference: torch.Tensor, fn, 
     rows = []
     for n in steps:
         denoiser.stats.reset()
-        x0 = fn(denoiser, x_T.clone(), convergence_grid(denoiser.process, n), generator=None, **options)
+        generator = SampleGenerators(0, range(len(x_T)))  # drawn by stochastic samplers, unused at τ = 0
+        x0 = fn(denoiser, x_T.clone(), convergence_grid(denoiser.process, n), generator=generator, **options)
         error = float((x0.double() - reference).reshape(len(x0), -1).pow(2).sum(1).mean().sqrt())
         rows.append({"steps": n, "nfe": denoiser.nfe, "error": error})
     return rows
