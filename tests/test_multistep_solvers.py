@@ -1,4 +1,4 @@
-"""UniPC, DEIS and SA-Solver against diffusers' schedulers on the exact Gaussian-mixture denoiser.
+"""UniPC, DEIS, SA-Solver and stochastic DDIM against diffusers' schedulers on the exact GMM denoiser.
 
 Same protocol as tests/test_diffusers_agreement.py: our samplers get diffusers' own timestep grid
 (``scheduler.timesteps`` plus the final time: clean data t = −1 where diffusers ends at σ = 0,
@@ -7,12 +7,13 @@ mixture, x_T and (for SA-Solver) every step's noise are the same, float32 state 
 """
 import pytest
 import torch
-from diffusers import DEISMultistepScheduler, SASolverScheduler, UniPCMultistepScheduler
+from diffusers import DDIMScheduler, DEISMultistepScheduler, SASolverScheduler, UniPCMultistepScheduler
 
 from diffbench.gmm import oracle_denoiser
 from diffbench.plugins import build_registry
 from diffbench.process import VPDiscrete
 from diffbench_plugins.multistep_solvers import sample_deis, sample_sa_solver, sample_unipc
+from diffbench_plugins.samplers import sample_ddim, sample_ddpm
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 TOL = 1e-4
@@ -126,4 +127,28 @@ def test_sa_solver_matches_sa_solver_scheduler_with_the_same_noise(predictor, co
     x, nfe = ours(sample_sa_solver, scheduler, 0.0, generator=ReplayGenerator(3), predictor_order=predictor,
                   corrector_order=corrector, prediction=prediction, tau=tau, tau_sigma_min=sigma_min, tau_sigma_max=sigma_max)
     expected = theirs(scheduler, torch.Generator().manual_seed(3))
+    assert max_diff(x, expected) <= TOL and nfe == steps
+
+
+# --- stochastic samplers, tested as tightly as deterministic ones ----------------------------
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "uniform-logsnr"])
+def test_ddim_with_eta_1_is_ddpm_with_posterior_variance(spacing, steps):
+    timesteps = PROCESS.timesteps(steps, spacing)
+    ddim = sample_ddim(oracle(), x_T(), timesteps, generator=ReplayGenerator(5), eta=1.0)
+    ddpm = sample_ddpm(oracle(), x_T(), timesteps, generator=ReplayGenerator(5), variance="small")
+    assert max_diff(ddim, ddpm) <= 1e-5
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("eta", [0.3, 0.8])
+def test_ddim_with_eta_matches_ddim_scheduler_with_the_same_noise(eta, spacing, steps):
+    scheduler = make(DDIMScheduler, spacing, steps, clip_sample=False, set_alpha_to_one=True)
+    x, nfe = ours(sample_ddim, scheduler, -1.0, generator=ReplayGenerator(7), eta=eta)
+    expected, denoiser, generator = x_T(), oracle(), torch.Generator().manual_seed(7)
+    for t in scheduler.timesteps:
+        expected = scheduler.step(denoiser(expected, t.double()), t, expected, eta=eta, generator=generator).prev_sample
     assert max_diff(x, expected) <= TOL and nfe == steps
