@@ -1,4 +1,4 @@
-"""The ``diffbench`` command line: run, list, train, compare, convergence, bench."""
+"""The ``diffbench`` command line: run, list, train, compare, convergence, best, bench."""
 from __future__ import annotations
 
 import sys
@@ -207,6 +207,25 @@ def convergence(samplers, steps, spacing, out_dir):
     from tabulate import tabulate
 
     click.echo(tabulate(df, headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--metric", default=None, help="Quality column, e.g. fid or fid[digits-cnn] (default: the run's first metric).")
+@click.option("--budget", "budgets", multiple=True, metavar="nfe=N|wall=S",
+              help="Cost budget: NFE per sample or wall-clock seconds per batch; repeatable or comma-separated "
+                   "(default: every NFE of the run).")
+def best(run_dir, metric, budgets):
+    """Pareto fronts of quality vs NFE and vs wall-clock from a finished run, and the best
+    (sampler, spacing, guidance) per budget; writes RUN_DIR/pareto.png."""
+    from diffbench.best import best_report
+
+    try:
+        text, plot = best_report(run_dir, metric, budgets)
+    except ConfigError as exc:
+        _fail(str(exc))
+    click.echo(text)
+    click.echo(f"plot: {plot}")
 
 
 @main.group()
