@@ -132,7 +132,7 @@ def best_report(run_dir, metric: str | None = None, budget_texts=()) -> tuple[st
             picks.append({"budget": f"{key}<={value:g}", **({c: row[c] for c in SETTING + ["nfe", "wall_s", quality]}
                                                          if row is not None else {"sampler": "(none within budget)"})})
         sections.append(f"## {model} on {dataset}: best setting per budget\n\n"
-                        + tabulate(pd.DataFrame(picks), headers="keys", tablefmt="github", showindex=False,
+                        + tabulate(pd.DataFrame(picks).fillna(""), headers="keys", tablefmt="github", showindex=False,
                                    floatfmt=".4g"))
     plot = run_dir / "pareto.png"
     _plot(ok, quality, higher, plot)
