@@ -1,4 +1,4 @@
-"""The ``diffbench`` command line: run, list, train, compare, convergence, bench."""
+"""The ``diffbench`` command line: run, list, train, compare, convergence, best, bench."""
 from __future__ import annotations
 
 import sys
@@ -281,20 +281,41 @@ def compare(new, baseline, tolerances):
 @main.command()
 @click.option("--samplers", default=None, help="Comma-separated deterministic samplers (default: all with a known order).")
 @click.option("--steps", default="8,16,32,64,128", show_default=True, help="Step counts.")
+@click.option("--spacing", default="uniform-logsnr", show_default=True,
+              help="timestep spacing of every sampler's grid (uniform-logsnr shows asymptotic orders)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/convergence", show_default=True)
-def convergence(samplers, steps, out_dir):
+def convergence(samplers, steps, spacing, out_dir):
     """Measure convergence orders on the exact GMM denoiser: error against a high-accuracy ODE
     solution from the same x_T; writes a table and a log-log plot."""
     from diffbench.convergence import run_convergence
 
     try:
         df = run_convergence(_writable_dir(Path(out_dir)), samplers=split_list(samplers) if samplers else None,
-                             steps=tuple(int(s) for s in split_list(steps)))
+                             steps=tuple(int(s) for s in split_list(steps)), spacing=spacing)
     except ConfigError as exc:
         _fail(str(exc))
     from tabulate import tabulate
 
     click.echo(tabulate(df, headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--metric", default=None, help="Quality column, e.g. fid or fid[digits-cnn] (default: the run's first metric).")
+@click.option("--budget", "budgets", multiple=True, metavar="nfe=N|wall=S",
+              help="Cost budget: NFE per sample or wall-clock seconds per batch; repeatable or comma-separated "
+                   "(default: every NFE of the run).")
+def best(run_dir, metric, budgets):
+    """Pareto fronts of quality vs NFE and vs wall-clock from a finished run, and the best
+    (sampler, spacing, guidance) per budget; writes RUN_DIR/pareto.png."""
+    from diffbench.best import best_report
+
+    try:
+        text, plot = best_report(run_dir, metric, budgets)
+    except ConfigError as exc:
+        _fail(str(exc))
+    click.echo(text)
+    click.echo(f"plot: {plot}")
 
 
 @main.group()

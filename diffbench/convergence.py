@@ -47,8 +47,19 @@ DEFAULT_SAMPLERS = {
     "dpm-solver[order=2]": 2,
     "dpm-solver[order=3]": 3,
     "dpm-solver++[variant=2m]": 2,
-    "dpm-solver++[variant=3m]": 3,
+    "dpm-solver++[variant=3m,d2_weighting=taylor]": 3,
     "dpm-solver++[variant=2s]": 2,
+    # UniPC: UniP-p is order p, the corrector UniC raises it to p + 1 (Zhao et al. 2023, §3.1: UniC-p has order p + 1).
+    "unipc[order=1]": 2,
+    "unipc[order=2]": 3,
+    "unipc[order=2,variant=bh1]": 3,
+    "unipc[order=2,prediction=noise]": 3,
+    "unipc[order=2,corrector=false]": 2,
+    "deis[order=1]": 1,
+    "deis[order=2]": 2,
+    "deis[order=3]": 3,
+    # SA-Solver at τ = 0 (the ODE): Adams PC of order min(predictor_order + 1, corrector_order).
+    "sa-solver[tau=0]": 2,
 }
 
 
@@ -72,9 +83,9 @@ def reference_sample(mixture: GaussianMixture, process: GaussianProcess, x_T: to
     return mixture.posterior_mean(x_min, process.alpha(process.t_min), process.sigma(process.t_min))
 
 
-def convergence_grid(process: GaussianProcess, steps: int) -> torch.Tensor:
-    """The ``uniform-logsnr`` grid with its times rounded to what the network sees (float32)."""
-    return process.timesteps(steps, SPACING).float().double()
+def convergence_grid(process: GaussianProcess, steps: int, spacing: str = SPACING) -> torch.Tensor:
+    """The grid (default ``uniform-logsnr``) with its times rounded to what the network sees (float32)."""
+    return process.timesteps(steps, spacing).float().double()
 
 
 def fitted_order(steps, errors) -> float:
@@ -82,12 +93,14 @@ def fitted_order(steps, errors) -> float:
     return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
 
 
-def measure(denoiser: Denoiser, x_T: torch.Tensor, reference: torch.Tensor, fn, options: dict, steps) -> list[dict]:
+def measure(denoiser: Denoiser, x_T: torch.Tensor, reference: torch.Tensor, fn, options: dict, steps,
+            spacing: str = SPACING) -> list[dict]:
     """Error (RMS over samples of ‖x0 − x0_ref‖) and NFE of one sampler at each step count."""
     rows = []
     for n in steps:
         denoiser.stats.reset()
-        x0 = fn(denoiser, x_T.clone(), convergence_grid(denoiser.process, n), generator=None, **options)
+        generator = SampleGenerators(0, range(len(x_T)))  # drawn by stochastic samplers, unused at τ = 0
+        x0 = fn(denoiser, x_T.clone(), convergence_grid(denoiser.process, n, spacing), generator=generator, **options)
         error = float((x0.double() - reference).reshape(len(x0), -1).pow(2).sum(1).mean().sqrt())
         rows.append({"steps": n, "nfe": denoiser.nfe, "error": error})
     return rows
@@ -114,10 +127,11 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
 
 def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFAULT_STEPS, dataset: str = "gmm-2d",
                     process: str = "vp-linear", num_samples: int = 64, seed: int = 0,
-                    fit_points: int = 3) -> pd.DataFrame:
+                    fit_points: int = 3, spacing: str = SPACING) -> pd.DataFrame:
     """Measure every sampler's error against the reference ODE solution at each step count.
 
-    Writes ``convergence.csv``, ``convergence.md`` and ``convergence.png`` (error vs NFE,
+    ``spacing`` picks the grid of every sampler (``uniform-logsnr`` shows the asymptotic orders;
+    others, e.g. ``trailing``, compare errors on the grids users run). Writes ``convergence.csv``, ``convergence.md`` and ``convergence.png`` (error vs NFE,
     log-log) into ``out_dir`` and returns the table: one row per (sampler, steps) with
     ``nfe``, ``error``, the fitted ``order`` (over the finest ``fit_points`` step counts) and
     the ``expected`` order where known.
@@ -130,6 +144,7 @@ def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFA
     if data.mixture is None:
         raise ConfigError(f"convergence needs a Gaussian-mixture dataset (exact denoiser); {dataset!r} is not one")
     proc = make_process(process)
+    proc.timesteps(1, spacing)  # an unknown spacing is a ConfigError before any work
     denoiser = oracle_denoiser(data.mixture, proc)
     x_T = proc.prior_std() * SampleGenerators(seed, range(num_samples)).randn(data.shape, dtype=torch.float64)
     reference = reference_sample(data.mixture, proc, x_T)
@@ -139,7 +154,7 @@ def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFA
         ref = registry.resolve("samplers", text)
         component = registry.get("samplers", ref.name)
         options = {k: v for k, v in registry.options("samplers", ref).items() if k != "spacing"}
-        measured = measure(denoiser, x_T, reference, component.fn, options, steps)
+        measured = measure(denoiser, x_T, reference, component.fn, options, steps, spacing)
         finest = measured[-fit_points:]
         order = fitted_order([r["steps"] for r in finest], [r["error"] for r in finest])
         expected = DEFAULT_SAMPLERS.get(text, float("nan"))
@@ -151,7 +166,7 @@ def run_convergence(out_dir: Path, samplers: list[str] | None = None, steps=DEFA
     atomic_write_text(out_dir / "convergence.csv", table.to_csv(index=False))
     summary = table.groupby("sampler", sort=False)[["order", "expected"]].first().reset_index()
     atomic_write_text(out_dir / "convergence.md",
-                      f"# Sampler convergence ({dataset}, {process}, {SPACING} spacing, {num_samples} samples)\n\n"
+                      f"# Sampler convergence ({dataset}, {process}, {spacing} spacing, {num_samples} samples)\n\n"
                       f"Fitted order over steps {list(steps)[-fit_points:]}:\n\n"
                       f"{summary.to_markdown(index=False, floatfmt='.2f')}\n\n"
                       f"{table.to_markdown(index=False, floatfmt='.3g')}\n")

@@ -17,7 +17,10 @@ import torch
 
 from diffbench.registry import ConfigError
 
-SPACINGS = ("uniform", "leading", "trailing", "quadratic", "uniform-logsnr", "karras")
+# diffusers' integer grids over N training steps (its set_timesteps), by name; see docs/samplers.md.
+DIFFUSERS_SPACINGS = ("leading-offset", "linspace-rounded", "leading-multistep", "leading-multistep-offset",
+                      "linspace-multistep")
+SPACINGS = ("uniform", "leading", "trailing", "quadratic", "uniform-logsnr", "karras") + DIFFUSERS_SPACINGS
 F64 = torch.float64
 
 
@@ -77,7 +80,9 @@ class GaussianProcess:
         t_max / t_min (the conventions of Lin et al. 2024, "Common diffusion noise schedules and
         sample steps are flawed", Table 2); quadratic: t ∝ u² (DDIM, Song et al. 2021, App. D);
         uniform-logsnr: evenly spaced in λ (DPM-Solver, Lu et al. 2022); karras: σ/α evenly
-        spaced in its 1/ρ power (EDM eq. 5, ρ = 7).
+        spaced in its 1/ρ power (EDM eq. 5, ρ = 7). The diffusers grids (:func:`diffusers_indices`)
+        are indices over N training steps; a continuous process maps index k to
+        t_min + (t_max − t_min) k/(N − 1) with N = 1000 (k + 1 over N where t_min is clean data).
         """
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps}")
@@ -91,6 +96,8 @@ class GaussianProcess:
         i = torch.arange(steps, dtype=F64)
         # A grid that reaches the data itself (flow: t_min = t_data) must not repeat it.
         reaches_data = int(t_min == self.t_data)
+        if spacing in DIFFUSERS_SPACINGS:  # index k of N = 1000 (k + 1 where t_min is the data itself)
+            return t_min + (t_max - t_min) * (diffusers_indices(steps, spacing, 1000) + reaches_data) / (999 + reaches_data)
         if spacing == "uniform":
             if reaches_data:
                 return torch.linspace(t_max, t_min, steps + 1, dtype=F64)[:-1]
@@ -114,6 +121,26 @@ class GaussianProcess:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def diffusers_indices(steps: int, spacing: str, n: int) -> torch.Tensor:
+    """diffusers' ``timesteps`` (decreasing float64 indices in [0, n − 1]) for a named spacing:
+
+    leading-offset:            DDIM/DDPM/Euler/PNDM "leading" with steps_offset=1 (Stable Diffusion):
+                               k·(n // steps) + 1
+    linspace-rounded:          DDIM/DDPM "linspace": round(linspace(0, n − 1, steps))
+    leading-multistep(-offset): DPM-Solver/UniPC/DEIS/SA-Solver "leading": k·(n // (steps + 1)) for
+                               k = 1..steps (k = 0 dropped), plus 1 with steps_offset=1
+    linspace-multistep:        their "linspace": round(linspace(0, n − 1, steps + 1)), the 0 dropped
+    """
+    k = torch.arange(steps, 0, -1, dtype=F64)  # steps, ..., 1
+    if spacing == "leading-offset":
+        return (k - 1) * (n // steps) + 1
+    if spacing == "linspace-rounded":
+        return torch.linspace(0, n - 1, steps, dtype=F64).round().flip(0)
+    if spacing in ("leading-multistep", "leading-multistep-offset"):
+        return k * (n // (steps + 1)) + (spacing == "leading-multistep-offset")
+    return torch.linspace(0, n - 1, steps + 1, dtype=F64).round().flip(0)[:-1]  # linspace-multistep
 
 
 class VPDiscrete(GaussianProcess):
@@ -189,6 +216,8 @@ class VPDiscrete(GaussianProcess):
         """Integer index grids for diffusers' discrete conventions; the rest as in the base class."""
         n = self.num_steps
         i = torch.arange(steps, dtype=F64)
+        if spacing in DIFFUSERS_SPACINGS:
+            return diffusers_indices(steps, spacing, n)
         if spacing == "leading":  # diffusers "leading": 0, N/steps, 2N/steps, ... (reversed)
             return ((steps - 1 - i) * (n // steps)).to(F64)
         if spacing == "trailing":  # diffusers "trailing": N−1, N−1−N/steps, ...

@@ -295,6 +295,8 @@ class GridRunner:
             timesteps = denoiser.process.timesteps(cell.steps, spacing)
         else:
             timesteps = torch.linspace(1.0, 0.0, cell.steps + 1, dtype=torch.float64)
+        if hasattr(denoiser, "bind_timesteps"):  # guidance that needs the sampler's grid (cfg++)
+            denoiser.bind_timesteps(timesteps)
 
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
             generators = SampleGenerators(self.config.seed, indices, self.device)

@@ -43,12 +43,12 @@ def test_nfe_column_counts_model_calls(convergence):
 def test_writes_csv_markdown_and_plot(convergence):
     out, table = convergence
     assert pd.read_csv(out / "convergence.csv").shape == table.shape
-    assert "dpm-solver++[variant=3m]" in (out / "convergence.md").read_text()
+    assert "dpm-solver++[variant=3m,d2_weighting=taylor]" in (out / "convergence.md").read_text()
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_third_order_beats_first_order_by_orders_of_magnitude(convergence):
     _, table = convergence
     err = table.set_index(["sampler", "steps"]).error
-    assert err["dpm-solver++[variant=3m]", 256] < 1e-2 * err["ddim", 256]
+    assert err["dpm-solver++[variant=3m,d2_weighting=taylor]", 256] < 1e-2 * err["ddim", 256]
     assert err["dpm-solver[method=singlestep,order=3]", 256] < 1e-3 * err["ddim", 256]
