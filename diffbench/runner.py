@@ -21,7 +21,7 @@ from diffbench.io import atomic_write_bytes, atomic_write_text
 from diffbench.metrics import MetricContext
 from diffbench.nn.attention import effective_backend, use_backend
 from diffbench.registry import Component, ConfigError, Incompatible, Registry
-from diffbench.results import ResultsWriter, load_rows, plot_metrics_vs_nfe, plot_point_samples
+from diffbench.results import AXES, ResultsWriter, load_rows, plot_metrics, plot_point_cell, plot_point_samples
 from diffbench.rng import SampleGenerators
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
 
@@ -283,6 +283,8 @@ class GridRunner:
         if dataset.modality == "points":
             label = f"{cell.model.label} · {cell.sampler.label} · {cell.guidance.label} · {cell.steps} steps"
             self._point_samples.setdefault(cell.dataset.label, {})[label] = g.samples[:2000].cpu()
+            plot_point_cell(self._references[cell.dataset.label][0], g.samples[:2000].cpu(),
+                            samples_dir / f"{cell.slug}.png")
         elif dataset.modality == "image":
             from torchvision.utils import save_image
 
@@ -295,6 +297,7 @@ class GridRunner:
 
     def _plots(self) -> None:
         df = self.writer.frame()
-        plot_metrics_vs_nfe(df, self.writer.metric_columns, self.out_dir)
+        for x in AXES:  # metric vs NFE and vs wall-clock
+            plot_metrics(df, self.writer.metric_columns, self.out_dir, x)
         for label, samples in self._point_samples.items():
             plot_point_samples(label, self._references[label][0], samples, self.out_dir)
