@@ -94,11 +94,17 @@ def templates() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = format_number
     env.globals["asset"] = lambda name: markupsafe.Markup((TEMPLATES / name).read_text())  # inlined CSS / JS
+    env.globals["slug"] = row_slug
     return env
 
 
 def render(template: str, **context) -> str:
     return templates().get_template(template).render(**context)
+
+
+def row_slug(row: dict) -> str:
+    """The cell id its files are named by (samples/<slug>.png, history's cells/<slug>.html)."""
+    return cell_slug([row[k] for k in KEY_COLUMNS])
 
 
 def format_number(value, digits: int = 4) -> str:
@@ -175,7 +181,7 @@ def best_rows(table: pd.DataFrame, directions: dict[str, bool]) -> set[tuple[int
 
 def cell_samples(run: Run, row: dict) -> dict:
     """The cell's sample picture (image grid or scatter) and text samples, if the run wrote them."""
-    slug = cell_slug([row[k] for k in KEY_COLUMNS[:-1]] + [int(row["steps"])])
+    slug = row_slug(row)
     picture, text = run.path / "samples" / f"{slug}.png", run.path / "samples" / f"{slug}.txt"
     return {"image": data_uri(picture) if picture.is_file() else None,
             "text": text.read_text(errors="replace")[:2000] if text.is_file() else None}
