@@ -1,7 +1,11 @@
-"""Headless Chromium for the report tests (Debian's chromium + chromium-driver, driven by selenium).
+"""Helpers of the report and history tests: a small run with every kind of row, and headless
+Chromium (Debian's chromium + chromium-driver, driven by selenium).
 
 Selenium is pointed at /usr/bin/chromedriver explicitly, so Selenium Manager never tries to
-download a driver; the flags keep Chromium off the network.
+download a driver; the flags keep Chromium off the network. Tests keep their screenshots in
+results/reports/browser-test/ (git-ignored); the committed ones are made with
+
+    python tests/pages.py results/latest/report.html results/reports/report_screenshot.png
 """
 from __future__ import annotations
 
@@ -17,7 +21,37 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1500,1100", "--hide-scrollbars")
-REPORTS = Path(__file__).resolve().parents[1] / "results" / "reports"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "results" / "reports" / "browser-test"
+BROKEN_SAMPLER = """
+import diffbench
+from diffbench.registry import Sampler
+
+
+def sample_broken(denoiser, x, timesteps, *, generator, callback=None):
+    raise RuntimeError("deliberately broken sampler")
+
+
+@diffbench.hookimpl
+def register_samplers(register):
+    register(Sampler(name="broken", description="always raises", family="gaussian", fn=sample_broken))
+"""
+
+
+def small_run(out: Path, *extra) -> Path:
+    """gmm-oracle and mlp × ddim, heun, a broken sampler × 4 and 8 steps on gmm-2d and moons: ok
+    cells (two models sharing a sampler), skipped cells (the oracle on moons) and failed cells."""
+    from click.testing import CliRunner
+
+    from diffbench.cli import main
+
+    plugin = out.parent / "broken_sampler.py"
+    plugin.write_text(BROKEN_SAMPLER)
+    result = CliRunner().invoke(main, ["run", "--plugin", str(plugin), "--models", "gmm-oracle,mlp",
+                                       "--samplers", "ddim,heun,broken", "--steps", "4,8", "--datasets", "gmm-2d,moons",
+                                       "--metrics", "swd,mmd", "--num-samples", "200", "--repeats", "1",
+                                       "--out", str(out), "--quiet", *extra])
+    assert result.exit_code == 1, result.output  # the broken sampler's cells failed
+    return out
 
 
 def require_chromium() -> None:
@@ -70,3 +104,21 @@ def full_page_screenshot(driver, path: Path, max_height: int = 6000) -> None:
     driver.set_window_size(1500, height)
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
+
+
+def save_test_screenshot(driver, name: str) -> Path:
+    """Save a test's screenshot under results/reports/browser-test/ (kept out of git by its own .gitignore)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    (SCREENSHOTS / ".gitignore").write_text("*\n")
+    full_page_screenshot(driver, SCREENSHOTS / name)
+    return SCREENSHOTS / name
+
+
+if __name__ == "__main__":  # python tests/pages.py PAGE.html SHOT.png [MAX_HEIGHT]
+    import sys
+
+    with chromium() as browser:
+        open_page(browser, Path(sys.argv[1]))
+        problems = broken_images(browser) + console_errors(browser)
+        full_page_screenshot(browser, Path(sys.argv[2]), *map(int, sys.argv[3:4]))
+    print("\n".join(problems) or f"ok: {sys.argv[2]}")
