@@ -135,8 +135,9 @@ def trend_figure(data: pd.DataFrame, column: str, labels: list[str]) -> go.Figur
     ok = data[data["value"].notna()]
     fig.add_trace(go.Scatter(x=ok["label"], y=ok["value"], mode="lines+markers", name=column,
                              line=dict(color="#2b2d42"), marker=dict(size=8, color="#2b2d42"),
-                             customdata=ok[["commit", "run"]].values,
-                             hovertemplate="%{customdata[0]}<br>run %{customdata[1]}<br>%{y:.4g}<extra></extra>"))
+                             customdata=ok[["commit", "run", "machine"]].values,
+                             hovertemplate="%{customdata[0]}<br>run %{customdata[1]} on %{customdata[2]}<br>"
+                                           "%{y:.4g}<extra></extra>"))
     flagged = data[data["regression"]]
     if len(flagged):
         fig.add_trace(go.Scatter(
