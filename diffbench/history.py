@@ -41,6 +41,7 @@ class Point:
     commit_date: str
     run_date: str
     machine: str
+    name: str  # the run's id in history.csv: its directory name, or its path where names repeat
 
     @property
     def label(self) -> str:
@@ -71,7 +72,7 @@ def history_point(run: Run) -> Point:
     run_date = run.env.get("date") or mtime.isoformat(timespec="seconds")
     commit_date = run.env.get("git_commit_date") or git_commit_date(commit) or run_date
     machine = run.env.get("hostname") or f"{run.env.get('platform', 'unknown')} ({run.env.get('cpu_count', '?')} CPUs)"
-    return Point(run, commit, commit_date, run_date, machine)
+    return Point(run, commit, commit_date, run_date, machine, run.name)
 
 
 def _value(row: dict | None, column: str) -> float | None:
@@ -100,7 +101,7 @@ def history_table(points: list[Point], baseline: Run, tol: dict) -> pd.DataFrame
     base_rows = {cell_name(r): r for r in baseline.table.to_dict("records") if r["status"] == "ok"}
     records = []
     for point in points:
-        run = {"run": point.run.name, "commit": point.commit, "commit_date": point.commit_date,
+        run = {"run": point.name, "commit": point.commit, "commit_date": point.commit_date,
                "run_date": point.run_date, "machine": point.machine}
         findings = {(f.cell, f.column): f for f in compare_tables(point.run.table, baseline.table, directions, tol)
                     if f.verdict == "regression"}
@@ -176,12 +177,16 @@ def build_history(paths, out_dir: Path, *, baseline: str | None = None, toleranc
     """Write history.csv and the site under ``out_dir``; return a one-paragraph summary."""
     runs = find_runs(paths)
     points = sorted((history_point(r) for r in runs), key=lambda p: (p.commit_date, p.run_date))
+    names = [p.name for p in points]
+    for point in points:
+        if names.count(point.name) > 1:
+            point.name = str(point.run.path)
     base = load_run(baseline) if baseline else points[0].run
     tol = load_tolerances(tolerances)
     table = history_table(points, base, tol)
     labels = [p.label if [q.label for q in points].count(p.label) == 1 else  # several runs of one commit
-              f"{p.label} · run {p.run_date[:16].replace('T', ' ')} {p.run.name}" for p in points]
-    table["label"] = table["run"].map({p.run.name: label for p, label in zip(points, labels)})
+              f"{p.label} · run {p.run_date[:16].replace('T', ' ')} {p.name}" for p in points]
+    table["label"] = table["run"].map({p.name: label for p, label in zip(points, labels)})
     atomic_write_text(out_dir / "history.csv", table.drop(columns="label").to_csv(index=False))
     atomic_write_text(out_dir / "assets" / "plotly.min.js", plotly_js())
     cells = cell_pages(table, labels, out_dir)
@@ -189,7 +194,7 @@ def build_history(paths, out_dir: Path, *, baseline: str | None = None, toleranc
     runs_rows = [{"label": label, "commit": p.commit, "commit_date": p.commit_date, "run_date": p.run_date,
                   "machine": p.machine, "path": str(p.run.path), "baseline": p.run.path.resolve() == base.path.resolve(),
                   "ok": int((p.run.table["status"] == "ok").sum()), "cells": len(p.run.table),
-                  "regressions": int((flagged["run"] == p.run.name).sum())} for p, label in zip(points, labels)]
+                  "regressions": int((flagged["run"] == p.name).sum())} for p, label in zip(points, labels)]
     atomic_write_text(out_dir / "index.html", render(
         "history_index.html.j2", runs=runs_rows, cells=cells, baseline=str(base.path),
         regressions=flagged.to_dict("records"), tolerances=tol))

@@ -73,7 +73,7 @@ def load_run(run_dir: str | Path) -> Run:
     """Read a run directory (results.csv + results.json, config.json, env.json) or raise ReportError."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise ReportError(f"RUN_DIR {path}: no such directory")
+        raise ReportError(f"RUN_DIR {path}: {'not a directory' if path.exists() else 'no such directory'}")
     read_json(path / "results.json")  # a corrupt results.json is an error even though the CSV is read
     try:
         table, directions = load_table(path)
