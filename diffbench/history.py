@@ -191,6 +191,7 @@ def build_history(paths, out_dir: Path, *, baseline: str | None = None, toleranc
     atomic_write_text(out_dir / "assets" / "plotly.min.js", plotly_js())
     cells = cell_pages(table, labels, out_dir)
     flagged = table[table["regression"]].drop_duplicates(["run", *KEY_COLUMNS, "column"])
+    flagged = flagged.iloc[flagged["column"].isin(TIMING + MEMORY).argsort(kind="stable")]  # quality first, then timing
     runs_rows = [{"label": label, "commit": p.commit, "commit_date": p.commit_date, "run_date": p.run_date,
                   "machine": p.machine, "path": str(p.run.path), "baseline": p.run.path.resolve() == base.path.resolve(),
                   "ok": int((p.run.table["status"] == "ok").sum()), "cells": len(p.run.table),
