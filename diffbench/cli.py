@@ -1,4 +1,4 @@
-"""The ``diffbench`` command line: run, list, train, compare, convergence, best, bench."""
+"""The ``diffbench`` command line: run, list, train, compare, report, history, convergence, best, bench."""
 from __future__ import annotations
 
 import sys
@@ -130,7 +130,10 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--show-config", is_flag=True, help="Print the resolved grid and where each value came from "
               "(flag, config file, or the package's default grid), then exit without running.")
-def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugins, quiet, show_config, **flags):
+@click.option("--report/--no-report", "html_report", default=True, show_default=True,
+              help="Write report.html (diffbench report) at the end.")
+def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugins, quiet, show_config, html_report,
+        **flags):
     """Run a grid of model × sampler × guidance × dataset × steps and tabulate steps, NFE,
     wall-clock, peak memory and quality metrics. Each cell runs in a supervised worker process:
     a crash or a cell past --cell-timeout fails that cell, and the grid goes on.
@@ -180,6 +183,8 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
     counts = df["status"].value_counts().to_dict()
     click.echo(f"\n{len(df)} cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "skipped", "failed"))
                + f"  ->  {out}/results.csv (tracebacks in run.log)")
+    if html_report:  # ---- the HTML report hook (diffbench/report.py) ----
+        _write_report(out, fatal=False)
     sys.exit(1 if counts.get("failed", 0) else 0)
 
 
@@ -276,6 +281,48 @@ def compare(new, baseline, tolerances):
         _fail(str(exc))
     click.echo(report)
     sys.exit(code)
+
+
+def _write_report(run_dir, fatal: bool = True) -> None:
+    """report.html of a run; a bad RUN_DIR exits 2, unless it is the end of `run` (then a warning)."""
+    from diffbench.report import ReportError, write_report
+
+    try:
+        click.echo(f"report: {write_report(run_dir)}")
+    except ReportError as exc:
+        if fatal:
+            _fail(str(exc))
+        click.echo(f"warning: no report.html: {exc}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir):
+    """Write RUN_DIR/report.html: one self-contained page with the run's table (sortable,
+    filterable), interactive metric-vs-NFE and metric-vs-wall-clock charts, samples, Pareto
+    front, configuration and environment. Open it in any browser; no server needed."""
+    _write_report(run_dir)
+
+
+@main.command()
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/history", show_default=True,
+              help="Where to write history.csv and the static site (index.html).")
+@click.option("--baseline", type=click.Path(), default=None,
+              help="Run every other run is compared against (default: the oldest run).")
+@click.option("--tolerances", type=click.Path(dir_okay=False), help="Tolerance TOML, as for diffbench compare.")
+def history(results_dirs, out_dir, baseline, tolerances):
+    """Collect runs (run directories, or folders of them) across commits into history.csv and a
+    static site: each cell's metrics and timings over commits, with the baseline, its tolerance
+    band and the points `diffbench compare` would flag as regressions."""
+    from diffbench.history import build_history
+    from diffbench.report import ReportError
+
+    try:
+        summary = build_history(results_dirs, _writable_dir(Path(out_dir)), baseline=baseline, tolerances=tolerances)
+    except (ConfigError, ReportError) as exc:
+        _fail(str(exc))
+    click.echo(summary)
 
 
 @main.command()

@@ -126,6 +126,27 @@ def load_tolerances(path: str | Path | None) -> dict:
     return tolerances
 
 
+def cell_name(row: dict) -> str:
+    """How a cell is named in findings: 'model / sampler / guidance / dataset / steps'."""
+    return " / ".join(str(row[k]) for k in KEY_COLUMNS)
+
+
+def column_limits(tol: dict, column: str) -> dict:
+    """The abs / rel / ratio limits of one column: its group's defaults, then its own overrides."""
+    group = "timing" if column in TIMING else "memory" if column in MEMORY else "metrics"
+    return {**tol[group], **tol["columns"].get(column, {})}
+
+
+def metric_allowance(limits: dict, base: float) -> float:
+    """How much a quality metric may get worse than its baseline value: abs + rel·|baseline|."""
+    return limits.get("abs", 0.0) + limits.get("rel", 0.0) * abs(base)
+
+
+def ratio_limit(limits: dict, base: float) -> float:
+    """The largest timing / memory value allowed: baseline·ratio + abs."""
+    return base * limits.get("ratio", math.inf) + limits.get("abs", 0.0)
+
+
 def _worse_by(new: float, base: float, higher_is_better: bool) -> float:
     return (base - new) if higher_is_better else (new - base)
 
@@ -138,7 +159,7 @@ def compare_tables(new: pd.DataFrame, base: pd.DataFrame, directions: dict[str, 
         if b["status"] != "ok":
             continue
         key = tuple(b[k] for k in KEY_COLUMNS)
-        cell = " / ".join(str(k) for k in key)
+        cell = cell_name(b)
         n = new_by_key.get(key)
         if n is None:
             findings.append(Finding(cell, "status", "ok", "missing", "cell must run", "regression"))
@@ -149,10 +170,9 @@ def compare_tables(new: pd.DataFrame, base: pd.DataFrame, directions: dict[str, 
         if int(n["nfe"]) != int(b["nfe"]):
             findings.append(Finding(cell, "nfe", int(b["nfe"]), int(n["nfe"]), "identical", "regression"))
         for column, higher in directions.items():
-            findings += _check_metric(cell, column, b, n, higher, {**tol["metrics"], **tol["columns"].get(column, {})})
+            findings += _check_metric(cell, column, b, n, higher, column_limits(tol, column))
         for column in TIMING + MEMORY:
-            limits = {**tol["timing" if column in TIMING else "memory"], **tol["columns"].get(column, {})}
-            findings += _check_ratio(cell, column, b, n, limits)
+            findings += _check_ratio(cell, column, b, n, column_limits(tol, column))
     return findings
 
 
@@ -162,7 +182,7 @@ def _check_metric(cell, column, b, n, higher, limits) -> list[Finding]:
         return []
     if new_v is None or (isinstance(new_v, float) and math.isnan(new_v)):
         return [Finding(cell, column, base_v, "missing", "must be reported", "regression")]
-    allowed = limits.get("abs", 0.0) + limits.get("rel", 0.0) * abs(base_v)
+    allowed = metric_allowance(limits, base_v)
     worse = _worse_by(new_v, base_v, higher)
     limit = f"{'-' if higher else '+'}{allowed:.3g}"
     if worse > allowed:
@@ -176,7 +196,7 @@ def _check_ratio(cell, column, b, n, limits) -> list[Finding]:
     base_v, new_v = b.get(column), n.get(column)
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (base_v, new_v)):
         return []
-    allowed = base_v * limits.get("ratio", math.inf) + limits.get("abs", 0.0)
+    allowed = ratio_limit(limits, base_v)
     if new_v > allowed:
         return [Finding(cell, column, base_v, new_v, f"<= {allowed:.3g}", "regression")]
     return []

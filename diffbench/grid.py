@@ -46,9 +46,13 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """A file-system-safe id, e.g. ``mlp__ddim-eta-1.0__none__moons__10``."""
-        parts = [self.model.label, self.sampler.label, self.guidance.label, self.dataset.label, str(self.steps)]
-        return "__".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)
+        return cell_slug(self.key)
+
+
+def cell_slug(key) -> str:
+    """A file-system-safe id of a cell key (model, sampler, guidance, dataset, steps), e.g.
+    ``mlp__ddim-eta-1.0__none__moons__10``: names the cell's files under samples/."""
+    return "__".join(re.sub(r"[^A-Za-z0-9.]+", "-", str(p)).strip("-") for p in key)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
@@ -109,36 +111,148 @@ def save_figure(fig, path: Path, dpi: int) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_metrics_vs_nfe(df: pd.DataFrame, metric_columns: dict[str, bool], out_dir: Path) -> list[Path]:
-    """One PNG per metric: metric against NFE (log axis), a line per model/sampler/guidance/dataset."""
-    ok = df[df["status"] == "ok"]
-    written = []
+AXES = {"nfe": "NFE (network evaluations per sample)", "wall_s": "wall-clock per batch (s)"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")  # one per model
+DASHES = ("-", "--", ":", "-.")  # only once the colours run out (more than 20 lines in one panel)
+
+
+@dataclass
+class Line:
+    """One model · sampler · guidance curve of a panel, drawn the same way by matplotlib and the HTML report."""
+    label: str
+    color: tuple  # RGBA in [0, 1]
+    marker: str  # matplotlib marker code
+    dash: str  # matplotlib line style
+    x: list
+    y: list
+    cells: list  # the full cell label of each point (hover text)
+
+
+@dataclass
+class Panel:
+    """A metric on one dataset against one x axis (values of different datasets are not comparable)."""
+    column: str
+    higher_is_better: bool
+    dataset: str
+    x: str  # "nfe" or "wall_s"
+    lines: list
+    single_x: bool  # every point at one x value (e.g. one step count): drawn on a categorical axis
+
+    @property
+    def title(self) -> str:
+        return f"{self.column} on {self.dataset}"
+
+    @property
+    def ylabel(self) -> str:
+        return f"{self.column} ({'higher' if self.higher_is_better else 'lower'} is better)"
+
+    @property
+    def xlabel(self) -> str:
+        return AXES[self.x] if not self.single_x else f"at {AXES[self.x].split(' (')[0]} = {self.lines[0].x[0]:g}"
+
+
+def line_label(model: str, sampler: str, guidance: str) -> str:
+    return f"{model} · {sampler}" + ("" if guidance == "none" else f" · {guidance}")
+
+
+def metric_panels(df: pd.DataFrame, metric_columns: dict[str, bool], x: str = "nfe") -> list[Panel]:
+    """Every (metric, dataset) panel of the ok rows, each line with its own colour and a marker per model."""
+    ok = df[(df["status"] == "ok") & df[x].notna()]
+    panels = []
     for column, higher in metric_columns.items():
-        data = ok[ok[column].notna()] if column in ok else ok.iloc[0:0]
-        if data.empty:
+        if column not in ok:
             continue
-        fig, ax = plt.subplots(figsize=(7.2, 4.8))
-        # One colour per sampler (+ guidance), one line style per model (+ dataset).
-        colors = {k: plt.cm.tab20(i % 20) for i, k in enumerate(sorted(set(zip(data["sampler"], data["guidance"]))))}
-        styles = {k: ("-", "--", ":", "-.")[i % 4] for i, k in enumerate(sorted(set(zip(data["model"], data["dataset"]))))}
-        for (model, sampler, guidance, dataset), group in data.groupby(["model", "sampler", "guidance", "dataset"]):
-            group = group.sort_values("nfe")
-            label = f"{model} · {sampler}" + ("" if guidance == "none" else f" · {guidance}") + f" · {dataset}"
-            ax.plot(group["nfe"], group[column], marker="o", label=label, color=colors[sampler, guidance],
-                    linestyle=styles[model, dataset])
+        for dataset, data in ok[ok[column].notna()].groupby("dataset", sort=True):
+            groups = list(data.groupby(["model", "sampler", "guidance"], sort=True))
+            palette = plt.cm.tab10 if len(groups) <= 10 else plt.cm.tab20
+            markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(sorted(data["model"].unique()))}
+            lines = []
+            for i, ((model, sampler, guidance), group) in enumerate(groups):
+                group = group.sort_values(x)
+                lines.append(Line(line_label(model, sampler, guidance), palette(i % palette.N), markers[model],
+                                  DASHES[(i // palette.N) % len(DASHES)], group[x].astype(float).tolist(),
+                                  group[column].astype(float).tolist(),
+                                  [f"{model} · {sampler} · {guidance} · {dataset} · {steps} steps"
+                                   for steps in group["steps"]]))
+            panels.append(Panel(column, higher, str(dataset), x, lines, data[x].nunique() == 1))
+    return panels
+
+
+def dodge(n_lines: int, index: int) -> float:
+    """Multiplicative x offset of line ``index`` so points of different lines at one NFE stay apart
+    on a log axis (at most ±8 %, far less than the gap between step counts)."""
+    spread = min(0.006 * (n_lines - 1), 0.035)  # decades, total
+    return 10 ** (spread * (index / max(n_lines - 1, 1) - 0.5)) if n_lines > 1 else 1.0
+
+
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+
+
+def _span_decades(axis) -> float:
+    low, high = axis.get_view_interval()
+    return math.log10(high / low) if low > 0 else math.inf
+
+
+def _draw_panel(ax, panel: Panel) -> None:
+    n = len(panel.lines)
+    for i, line in enumerate(panel.lines):
+        if panel.single_x:  # a categorical axis: one slot per line
+            ax.plot([i], line.y, marker=line.marker, color=line.color, linestyle="none", markersize=7)
+        else:
+            xs = [x * dodge(n, i) for x in line.x] if panel.x == "nfe" else line.x
+            ax.plot(xs, line.y, marker=line.marker, color=line.color, linestyle=line.dash, label=line.label,
+                    markersize=5)
+    if panel.single_x:
+        ax.set_xticks(range(n), [line.label for line in panel.lines], rotation=60, ha="right", fontsize=7)
+        ax.set_xlim(-0.7, n - 0.3)
+    else:
         ax.set_xscale("log")
-        if (data[column] > 0).all():
-            ax.set_yscale("log")
-        ax.set_xlabel("NFE (network evaluations per sample)")
-        ax.set_ylabel(f"{column} ({'higher' if higher else 'lower'} is better)")
-        ax.set_title(f"{column} vs NFE")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    if all(v > 0 for line in panel.lines for v in line.y):
+        ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers (0.15, 20) rather than 1.5×10⁻¹ on log axes
+        axis.set_major_formatter(PLAIN)
+        axis.set_minor_formatter(PLAIN if axis.get_scale() == "log" and _span_decades(axis) < 1 else NullFormatter())
+    ax.set_xlabel(panel.xlabel, fontsize=8)
+    ax.set_ylabel(panel.ylabel, fontsize=8)
+    ax.set_title(panel.title, fontsize=9)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_file_name(column: str, x: str) -> str:
+    return f"plot_{column.replace('[', '_').replace(']', '')}_vs_{'nfe' if x == 'nfe' else 'wall'}.png"
+
+
+def plot_metrics(df: pd.DataFrame, metric_columns: dict[str, bool], out_dir: Path, x: str = "nfe") -> list[Path]:
+    """One PNG per metric against ``x`` (NFE or wall-clock, log axes), one panel per dataset."""
+    by_column: dict[str, list[Panel]] = {}
+    for panel in metric_panels(df, metric_columns, x):
+        by_column.setdefault(panel.column, []).append(panel)
+    written = []
+    for column, panels in by_column.items():
+        legend_rows = max(math.ceil(len(p.lines) / 2) for p in panels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2 + 0.14 * legend_rows), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            _draw_panel(ax, panel)
+        fig.suptitle(f"{column} vs {AXES[x].split(' (')[0]}", fontsize=10)
         fig.tight_layout()
-        path = out_dir / f"plot_{column.replace('[', '_').replace(']', '')}_vs_nfe.png"
+        path = out_dir / plot_file_name(column, x)
         save_figure(fig, path, dpi=120)
         written.append(path)
     return written
+
+
+def _draw_points(ax, pts, lim: float, color: str) -> None:
+    """A 2-D scatter (a histogram for 1-D points) of at most a few thousand samples."""
+    pts = pts.detach().cpu().float()
+    if pts.shape[1] == 1:
+        ax.hist(pts[:, 0].numpy(), bins=80, range=(-lim, lim), density=True, color=color, alpha=0.7)
+    else:
+        ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=1, alpha=0.5, color=color)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
 
 
 def plot_point_samples(dataset_name: str, reference, samples: dict[str, Any], out_dir: Path, max_panels: int = 24):
@@ -149,14 +263,7 @@ def plot_point_samples(dataset_name: str, reference, samples: dict[str, Any], ou
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
     lim = float(reference.abs().max()) * 1.3
     for ax, (title, pts) in zip(axes.flat, items):
-        pts = pts.detach().cpu().float()
-        if pts.shape[1] == 1:
-            ax.hist(pts[:, 0].numpy(), bins=80, range=(-lim, lim), density=True, color="C0" if title == "data" else "C1")
-        else:
-            ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=1, alpha=0.5, color="C0" if title == "data" else "C1")
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-            ax.set_aspect("equal")
+        _draw_points(ax, pts, lim, "C0" if title == "data" else "C1")
         ax.set_title(title, fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(items):]:
@@ -166,3 +273,15 @@ def plot_point_samples(dataset_name: str, reference, samples: dict[str, Any], ou
     path = out_dir / f"samples_{re.sub(r'[^A-Za-z0-9.=-]+', '-', dataset_name).strip('-')}.png"
     save_figure(fig, path, dpi=110)
     return path
+
+
+def plot_point_cell(reference, samples, path: Path) -> None:
+    """A small picture of one cell's samples (orange) over the data (blue), shown next to its row in the report."""
+    fig, ax = plt.subplots(figsize=(1.6, 1.6))
+    lim = float(reference.abs().max()) * 1.3
+    _draw_points(ax, reference[: len(samples)], lim, "C0")
+    _draw_points(ax, samples, lim, "C1")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout(pad=0.1)
+    save_figure(fig, path, dpi=80)

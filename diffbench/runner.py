@@ -24,7 +24,7 @@ from diffbench.io import atomic_write_bytes, atomic_write_text, read_json
 from diffbench.metrics import MetricContext
 from diffbench.nn.attention import effective_backend, use_backend
 from diffbench.registry import SINGULAR, Component, ConfigError, Incompatible, Registry
-from diffbench.results import ResultsWriter, load_rows, plot_metrics_vs_nfe, plot_point_samples
+from diffbench.results import AXES, ResultsWriter, load_rows, plot_metrics, plot_point_cell, plot_point_samples
 from diffbench.rng import SampleGenerators
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
 
@@ -373,7 +373,10 @@ class GridRunner:
 
             tensors = {"x_T": g.x_T.contiguous().cpu(), "x_0": g.samples.contiguous().cpu()}
             atomic_write_bytes(samples_dir / f"{cell.slug}.safetensors", save(tensors))
-        if dataset.modality == "image":
+        if dataset.modality == "points":
+            plot_point_cell(self._references[cell.dataset.label][0], g.samples[:2000].cpu(),
+                            samples_dir / f"{cell.slug}.png")
+        elif dataset.modality == "image":
             from torchvision.utils import save_image
 
             buffer = io.BytesIO()
@@ -385,6 +388,7 @@ class GridRunner:
 
     def _plots(self) -> None:
         df = self.writer.frame()
-        plot_metrics_vs_nfe(df, self.writer.metric_columns, self.out_dir)
+        for x in AXES:  # metric vs NFE and vs wall-clock
+            plot_metrics(df, self.writer.metric_columns, self.out_dir, x)
         for label, samples in self._point_samples.items():
             plot_point_samples(label, self._point_references[label], samples, self.out_dir)

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -108,20 +109,31 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of a git command in diffbench's source checkout, or None (not a checkout, no git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def git_commit_date(commit: str) -> str | None:
+    """Committer date (ISO 8601) of a commit of diffbench's checkout ("-dirty" ignored), or None."""
+    return _git("show", "-s", "--format=%cI", commit.removesuffix("-dirty"), "--") if commit else None
 
 
 def environment_fingerprint(device: torch.device) -> dict:
     """Versions and hardware a result was measured with."""
     cuda = torch.cuda.is_available()
+    commit = _git_commit()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -129,7 +141,10 @@ def environment_fingerprint(device: torch.device) -> dict:
         "triton": _version("triton"),
         "diffbench": _version("diffbench"),
         "torch_fidelity": _version("torch-fidelity"),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_commit_date": git_commit_date(commit),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if cuda and device.type == "cuda" else None,
         "cuda": torch.version.cuda,
