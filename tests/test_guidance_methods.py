@@ -111,9 +111,12 @@ def test_cfg_plus_plus_with_ddim_renoises_with_the_unconditional_noise(base, lam
     assert torch.allclose(got, x, atol=1e-4)
 
 
-def test_cfg_plus_plus_refuses_lambda_outside_0_1(base):
-    with pytest.raises(ConfigError, match="cfg\\+\\+"):
-        apply_cfg_plus_plus(base, 1.5)
+@pytest.mark.parametrize("ref", ["cfg++:1.5", "cfg++:-0.1", "cfg++[scale=2]"])
+def test_cfg_plus_plus_refuses_lambda_outside_0_1(ref):
+    from diffbench.plugins import build_registry
+
+    with pytest.raises(ConfigError, match="cfg\\+\\+.*scale"):
+        build_registry().resolve("guidance", ref)
 
 
 @torch.no_grad()
