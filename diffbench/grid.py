@@ -15,6 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from diffbench.fastpath import FastPath, compile_mode
 from diffbench.process import SPACINGS
 from diffbench.registry import ConfigError, Ref, Registry, split_list
 
@@ -59,6 +60,14 @@ class RunConfig:
     device: str = "auto"
     attention: str = "sdpa"
     save_samples: bool = False
+    # The network's fast path (diffbench.fastpath).
+    dtype: str = "fp32"
+    compile: str = "off"
+    cuda_graphs: bool = False
+
+    @property
+    def fast_path(self) -> FastPath:
+        return FastPath(self.dtype, self.compile, self.cuda_graphs)
 
     def cells(self) -> list[Cell]:
         return [Cell(*combo) for combo in itertools.product(self.models, self.samplers, self.guidance,
@@ -73,7 +82,8 @@ class RunConfig:
 
 
 SCALARS = {"num_samples": int, "batch_size": int, "seed": int, "repeats": int, "device": str,
-           "attention": str, "save_samples": bool}
+           "attention": str, "save_samples": bool,
+           "dtype": str, "compile": compile_mode, "cuda_graphs": bool}
 VALID_KEYS = (*AXES, "steps", *SCALARS)
 
 
@@ -153,4 +163,6 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"run.device: {scalars['device']!r} is not one of {', '.join(DEVICES)}")
     if scalars.get("attention", "sdpa") not in ATTENTION:
         raise ConfigError(f"run.attention: {scalars['attention']!r} is not one of {', '.join(ATTENTION)}")
-    return RunConfig(**axes, steps=steps, **scalars)
+    config = RunConfig(**axes, steps=steps, **scalars)
+    config.fast_path  # validates dtype, compile and cuda_graphs (ConfigError names the key)
+    return config

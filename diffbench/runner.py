@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffbench.data import DataSource
+from diffbench.fastpath import apply_fast_path, check_supported
 from diffbench.grid import Cell, RunConfig
 from diffbench.io import atomic_write_bytes, atomic_write_text
 from diffbench.metrics import MetricContext
@@ -93,6 +94,7 @@ class Generated:
     wall_std_s: float
     model_s: float
     peak_mem_mb: float
+    warmup_s: float
 
 
 class GridRunner:
@@ -100,6 +102,7 @@ class GridRunner:
                  progress: bool = True):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
         self.device = resolve_device(config.device)
+        check_supported(config.fast_path, self.device)
         self.progress = progress
         self.writer = ResultsWriter(self.out_dir)
         if resume:
@@ -115,7 +118,8 @@ class GridRunner:
             return
         previous = json.loads((self.out_dir / "config.json").read_text()) if (self.out_dir / "config.json").exists() else {}
         current = self.config.as_dict()
-        for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention"):
+        for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention", "dtype", "compile",
+                    "cuda_graphs"):
             if previous.get(key) != current[key]:
                 raise ConfigError(f"cannot --resume in {self.out_dir}: run.{key} was {previous.get(key)!r}, now {current[key]!r}")
         rows, directions = load_rows(self.out_dir)
@@ -155,10 +159,11 @@ class GridRunner:
         row = {"model": cell.model.label, "sampler": cell.sampler.label, "guidance": cell.guidance.label,
                "dataset": cell.dataset.label, "steps": cell.steps, "spacing": options.get("spacing"),
                "num_samples": self.config.num_samples, "batch_size": self._batch_size(), "seed": self.config.seed,
-               "device": str(self.device), "attention": effective_backend(self.device), "reason": ""}
+               "device": str(self.device), "attention": effective_backend(self.device), "reason": "",
+               "dtype": self.config.dtype, "compile": self.config.compile, "cuda_graphs": self.config.cuda_graphs}
         try:
             generated, dataset, denoiser = self._generate(cell, sampler, options)
-            row.update(self._timing_columns(generated, cell.steps))
+            row.update(self._timing_columns(generated, cell.steps), channels_last=denoiser.channels_last)
             metrics, directions = self._metrics(cell, generated, dataset, denoiser)
             row.update(metrics)
             row["status"] = "ok"
@@ -185,9 +190,12 @@ class GridRunner:
 
     def _model(self, ref, dataset_ref, dataset: DataSource):
         component = self.registry.get("models", ref.name)
-        return _cached(self._loaded, ("model", ref.label, dataset_ref.label),
-                       lambda: _call(component, component.load, dataset, device=self.device,
-                                     **self.registry.options("models", ref)))
+
+        def load():
+            denoiser = _call(component, component.load, dataset, device=self.device,
+                             **self.registry.options("models", ref))
+            return apply_fast_path(denoiser, self.config.fast_path, self.device)
+        return _cached(self._loaded, ("model", ref.label, dataset_ref.label), load)
 
     def _generate(self, cell: Cell, sampler: Component, options: dict):
         dataset = self._dataset(cell.dataset)
@@ -214,7 +222,11 @@ class GridRunner:
             return x_T, out
 
         n, bs = self.config.num_samples, self._batch_size()
-        sample(range(min(WARMUP_SAMPLES, bs)))  # warm-up: allocator, lazy init, kernel autotuning
+        # Warm-up: allocator, lazy init, kernel autotuning; with compile / CUDA graphs the timed
+        # batch's shapes, so that compilation and capture happen here (reported as compile_s).
+        warmup = []
+        with wall_timer(self.device, warmup):
+            sample(range(bs if self.config.fast_path.fixed_shapes else min(WARMUP_SAMPLES, bs)))
         times, model_times, first = [], [], None
         with PeakMemory(self.device) as memory:
             for _ in range(self.config.repeats):
@@ -229,7 +241,7 @@ class GridRunner:
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
         generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
-                              summarize(model_times)[0], memory.peak_mb)
+                              summarize(model_times)[0], memory.peak_mb, warmup[0])
         return generated, dataset, base
 
     def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
@@ -248,7 +260,9 @@ class GridRunner:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""
         return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
                 "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps, "peak_mem_mb": g.peak_mem_mb,
-                "samples_per_s": self._batch_size() / g.wall_s}
+                "samples_per_s": self._batch_size() / g.wall_s,
+                # compile_s: what the warm-up run took over a timed run (compilation, graph capture).
+                "compile_s": g.warmup_s - g.wall_s if self.config.fast_path.fixed_shapes else None}
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
         key = cell.dataset.label  # the label: one dataset with two option sets is two references
