@@ -214,6 +214,26 @@ def convergence(samplers, steps, out_dir):
     click.echo(tabulate(df, headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g"))
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/kernels", show_default=True)
+@click.option("--budget-s", type=float, default=None,
+              help="Time budget in seconds for all steps (default 480 with CUDA, 1800 on CPU).")
+@click.option("--cpu-only", is_flag=True, help="Run the CPU subset even where CUDA is available.")
+@click.option("--only", default=None, help="Comma-separated step names to run (e.g. to rerun a failed one).")
+def doctor(out_dir, budget_s, cpu_only, only):
+    """Check the GPU fast path in one command: GPU tests, bench attention / dit-step / pipeline and a
+    short GPU grid, then a summary with one line per target (met / not met, the number). Without
+    CUDA: the CPU subset, and GPU targets reported as not checked. Writes <out>/<gpu>-doctor.md."""
+    import torch
+
+    from diffbench.doctor import run_doctor
+
+    on_cuda = torch.cuda.is_available() and not cpu_only
+    path = run_doctor(_writable_dir(Path(out_dir)), budget_s or (480.0 if on_cuda else 1800.0), cpu_only,
+                      split_list(only) if only else None, echo=click.echo)
+    click.echo(path.read_text())
+
+
 @main.group()
 def bench():
     """Micro-benchmarks (GPU)."""

@@ -23,13 +23,14 @@ from diffbench.checkpoints import load_checkpoint
 from diffbench.denoiser import Denoiser, _per_sample
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import time_input
-from diffbench.nn.layers import TimeClassEmbedding, group_norm, zero_module
+from diffbench.nn.layers import TimeClassEmbedding, group_norm, random_weights, zero_module
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
 from diffbench.training import TrainConfig, denoising_loss, train, train_command
 
 SHIPPED = Path(__file__).parent / "checkpoints"
 USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
+RANDOM_WEIGHTS = "random"  # option checkpoint=random: untrained stand-in weights, for timing at any size
 
 
 class ResBlock(nn.Module):
@@ -229,6 +230,20 @@ class ImageModelPlugin:
 
     def load(self, dataset, *, device="cpu", **options) -> Denoiser:
         opts = self._resolve(dataset, options)
+        if opts["checkpoint"] == RANDOM_WEIGHTS:
+            net, process, num_classes = self.network(dataset, opts)
+            random_weights(net)
+        else:
+            net, process, num_classes, opts = self._load_checkpoint(dataset, opts, options, device)
+        if opts["clip_denoised"]:
+            net = ClipDenoised(net, process, opts["parameterization"])
+        denoiser = Denoiser(net.to(device).eval(), process, opts["parameterization"], num_classes=num_classes,
+                            null_class=num_classes if num_classes else None, name=self.name)
+        denoiser.dataset_name = dataset.name  # lets classifier guidance find <dataset>-noisy-cnn
+        return denoiser
+
+    def _load_checkpoint(self, dataset, opts: dict, options: dict, device):
+        """(network with the checkpoint's weights, process, num_classes, options the checkpoint fixes)."""
         path = Path(opts["checkpoint"]).with_suffix("") if opts["checkpoint"] else self.checkpoint_path(dataset.name, opts)
         if not path.with_suffix(".safetensors").exists():
             raise Incompatible(f"no {self.name} checkpoint for {dataset.name!r} at {path}.safetensors; "
@@ -238,12 +253,7 @@ class ImageModelPlugin:
                            if k in saved.get("model", {})}}
         net, process, num_classes = self.network(dataset, opts)
         net.load_state_dict(weights)
-        if opts["clip_denoised"]:
-            net = ClipDenoised(net, process, opts["parameterization"])
-        denoiser = Denoiser(net.to(device).eval(), process, opts["parameterization"], num_classes=num_classes,
-                            null_class=num_classes if num_classes else None, name=self.name)
-        denoiser.dataset_name = dataset.name  # lets classifier guidance find <dataset>-noisy-cnn
-        return denoiser
+        return net, process, num_classes, opts
 
     def train(self, dataset, out=None, *, device="cpu", steps=None, batch_size=None, lr=None, seed=0,
               label_dropout=0.1, progress=True, init="", **options) -> Path:

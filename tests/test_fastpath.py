@@ -218,3 +218,15 @@ def test_pipeline_benchmark_bad_input(cli):
     assert result.exit_code == 2 and "ddim" in result.output
     result = cli("bench", "pipeline", "--config", "DiT-huge", "--device", "cpu")
     assert result.exit_code == 2 and "DiT-XL/2" in result.output
+
+
+def test_random_weights_checkpoint_is_deterministic_and_not_a_zero_network():
+    from diffbench_plugins.dit import DIT_PLUGIN
+    from diffbench_plugins.image_data import load_shapes
+
+    shapes = load_shapes(num=16)
+    first, second = (DIT_PLUGIN.load(shapes, config="DiT-tiny/4", checkpoint="random") for _ in range(2))
+    x = x_T(2, shapes.shape)
+    with torch.no_grad():
+        out = first.raw(x, 500.0, torch.tensor([0, 1]))
+        assert torch.equal(out, second.raw(x, 500.0, torch.tensor([0, 1]))) and float(out.abs().min()) > 0

@@ -20,15 +20,15 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 def random_weights(module: nn.Module, seed: int = 0, bias_std: float = 0.02) -> nn.Module:
     """Stand-in weights for timing and agreement runs without a checkpoint, deterministic in
-    ``seed``: matrices and kernels from N(0, 1/fan_in) (LeCun init: activations stay O(1)),
-    zero vectors (biases) from N(0, bias_std²), other vectors (norm scales) kept. Unlike a
+    ``seed`` alone: matrices and kernels from N(0, 1/fan_in) (LeCun init: activations stay O(1)),
+    norm scales (vectors of ones) kept, other vectors (biases) from N(0, bias_std²). Unlike a
     fresh init, nothing is zero (adaLN-Zero, output layers), so the output depends on the input."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
-            elif not p.any():
+            elif not bool((p == 1).all()):
                 p.copy_(torch.randn(p.shape, generator=generator) * bias_std)
     return module
 
