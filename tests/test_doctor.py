@@ -45,7 +45,7 @@ def test_steps_are_skipped_with_the_missing_module_failed_with_the_exit_code_or_
     assert skipped["status"] == "skipped" and "no_such_module_xyz" in skipped["reason"]
     failed = run_step(Step("y", ["json.tool", str(tmp_path / "missing.json")]), tmp_path, 60)
     assert failed["status"] == "failed" and "exit 2" in failed["reason"]
-    slow = run_step(Step("z", ["timeit", "-n", "1", "import time; time.sleep(30)"]), tmp_path, 1.5)
+    slow = run_step(Step("z", ["timeit", "-n", "1", "import time; time.sleep(30)"], timeout_s=2), tmp_path, 60)
     assert slow["status"] == "failed" and "timed out after 2 s" in slow["reason"] and slow["seconds"] < 10
     assert run_step(Step("w", ["json.tool", "--help"]), tmp_path, 5)["status"] == "skipped"  # budget spent
     assert run_step(Step("v", ["json.tool", "--help"]), tmp_path, 60)["status"] == "ok"
