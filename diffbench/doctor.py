@@ -85,7 +85,7 @@ def cpu_steps(out: Path, grids: Path) -> list[Step]:
     return [
         Step("cpu-kernel-tests", ["pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_attention_kernel.py")],
              ("pytest", "triton"), 300, needs_path=REPO / "tests"),
-        Step("bench-pipeline", _cli("bench", "pipeline", "--out", out, "--config", "DiT-S/2", "--latent-size", 16,
+        Step("bench-pipeline", _cli("bench", "pipeline", "--out", out, "--config", "DiT-tiny/2", "--latent-size", 16,
                                     "--batch-sizes", 8, "--steps", 20, "--dtype", "fp32", "--compile", "off",
                                     "--attention", "sdpa", "--device", "cpu"), ("diffusers", "tqdm"), 300),
         _grid(grids, "cpu-fp32", *tiny),

@@ -6,6 +6,10 @@ The noise process comes from ``<path>/scheduler/scheduler_config.json`` (or
 ``beta_start``, ``beta_end``, ``prediction_type`` — else DDPM's linear schedule with ε-prediction.
 diffbench's discrete VP time is the step index, exactly diffusers' ``timestep``, so t is passed
 through unchanged (fractional t as well: both networks embed a float timestep).
+
+diffusers checkpoints store separate q, k and v projections; at load they are concatenated into
+one fused QKV projection per self-attention layer (one matmul instead of three, as diffbench's
+own attention blocks do), with the same outputs.
 """
 from __future__ import annotations
 
@@ -58,6 +62,17 @@ class DiffusersNet(torch.nn.Module):
         return out[:, : x.shape[1]]
 
 
+def fuse_qkv(model: torch.nn.Module) -> torch.nn.Module:
+    """Concatenate q/k/v of every self-attention layer into ``to_qkv`` and attend through it."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    for layer in model.modules():
+        if isinstance(layer, Attention) and not layer.is_cross_attention and isinstance(layer.processor, AttnProcessor2_0):
+            layer.fuse_projections()
+            layer.set_processor(FusedAttnProcessor2_0())
+    return model
+
+
 def load_diffusers(dataset=None, *, device="cpu", path: str = "", subfolder: str = "", prediction: str = "", **_):
     if not path:
         raise ConfigError("model 'diffusers' needs option 'path': a directory written by save_pretrained "
@@ -74,7 +89,7 @@ def load_diffusers(dataset=None, *, device="cpu", path: str = "", subfolder: str
     classes = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
     if class_name not in classes:
         raise Incompatible(f"diffusers: {class_name!r} is not supported (UNet2DModel, DiTTransformer2DModel)")
-    model = classes[class_name].from_pretrained(str(model_dir)).to(device).eval()
+    model = fuse_qkv(classes[class_name].from_pretrained(str(model_dir))).to(device).eval()
     if dataset is not None and dataset.modality == "image":
         size = model.config.sample_size
         size = size if isinstance(size, int) else size[0]

@@ -230,3 +230,24 @@ def test_random_weights_checkpoint_is_deterministic_and_not_a_zero_network():
     with torch.no_grad():
         out = first.raw(x, 500.0, torch.tensor([0, 1]))
         assert torch.equal(out, second.raw(x, 500.0, torch.tensor([0, 1]))) and float(out.abs().min()) > 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_diffusers_checkpoints_load_with_fused_qkv_and_unchanged_outputs(tmp_path):
+    """diffusers stores separate to_q/to_k/to_v; the adapter concatenates them at load time."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffbench_plugins.diffusers_adapter import load_diffusers
+    from diffbench_plugins.image_data import load_digits
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2,
+                                            sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    random_weights(model)
+    model.save_pretrained(tmp_path)
+    denoiser = load_diffusers(load_digits(), path=str(tmp_path))
+    attention_layers = [m for m in denoiser.net.modules() if hasattr(m, "to_qkv")]
+    assert len(attention_layers) == 2 and all(type(m.processor).__name__ == "FusedAttnProcessor2_0"
+                                              for m in attention_layers)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 700.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert torch.allclose(denoiser.raw(x, t, y), model(x, t, class_labels=y).sample, atol=1e-5)
