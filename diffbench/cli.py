@@ -217,7 +217,7 @@ def convergence(samplers, steps, out_dir):
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/kernels", show_default=True)
 @click.option("--budget-s", type=float, default=None,
-              help="Time budget in seconds for all steps (default 480 with CUDA, 1800 on CPU).")
+              help="Time budget in seconds for all steps (default 480 with CUDA, 2400 on CPU).")
 @click.option("--cpu-only", is_flag=True, help="Run the CPU subset even where CUDA is available.")
 @click.option("--only", default=None, help="Comma-separated step names to run (e.g. to rerun a failed one).")
 def doctor(out_dir, budget_s, cpu_only, only):
@@ -229,7 +229,7 @@ def doctor(out_dir, budget_s, cpu_only, only):
     from diffbench.doctor import run_doctor
 
     on_cuda = torch.cuda.is_available() and not cpu_only
-    path = run_doctor(_writable_dir(Path(out_dir)), budget_s or (480.0 if on_cuda else 1800.0), cpu_only,
+    path = run_doctor(_writable_dir(Path(out_dir)), budget_s or (480.0 if on_cuda else 2400.0), cpu_only,
                       split_list(only) if only else None, echo=click.echo)
     click.echo(path.read_text())
 

@@ -126,6 +126,18 @@ class CUDAGraphed:
         return graph, static_inputs, static_out
 
 
+class OwnedOutputs:
+    """Outputs of a ``torch.compile`` mode that replays CUDA graphs, copied out of the graph's
+    memory (the next replay overwrites it); each call starts a new graph step."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, x, t, cond):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.fn(x, t, cond).clone()
+
+
 class FastNet(torch.nn.Module):
     """``net(x, t, cond)`` under autocast in ``dtype`` (float32 out), optionally channels_last."""
 
@@ -153,6 +165,8 @@ def accelerate(net: Callable, fast: FastPath, device: torch.device) -> tuple[Cal
     fn = FastNet(net, DTYPES[fast.dtype], channels_last)
     if fast.compile != "off":
         fn = torch.compile(fn, mode=None if fast.compile == "default" else fast.compile)
+        if fast.compile in GRAPHED_COMPILE_MODES and device.type == "cuda":
+            fn = OwnedOutputs(fn)
     if fast.cuda_graphs:
         fn = CUDAGraphed(fn)
     return fn, channels_last

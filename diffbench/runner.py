@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -118,9 +118,10 @@ class GridRunner:
             return
         previous = json.loads((self.out_dir / "config.json").read_text()) if (self.out_dir / "config.json").exists() else {}
         current = self.config.as_dict()
+        defaults = {f.name: f.default for f in fields(RunConfig)}  # for a run made before a key existed
         for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention", "dtype", "compile",
                     "cuda_graphs"):
-            if previous.get(key) != current[key]:
+            if previous.get(key, defaults[key]) != current[key]:
                 raise ConfigError(f"cannot --resume in {self.out_dir}: run.{key} was {previous.get(key)!r}, now {current[key]!r}")
         rows, directions = load_rows(self.out_dir)
         self.writer.rows = [r for r in rows if r["status"] in ("ok", "skipped")]
