@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffbench.denoiser import Denoiser
+from diffbench.denoiser import Denoiser, MaskedDenoiser
 from diffbench.fastpath import FastNet, FastPath, accelerate, compile_mode, is_convolutional
 from diffbench.nn.layers import random_weights
 from diffbench.plugins import build_registry
@@ -17,6 +17,7 @@ from diffbench.registry import ConfigError
 from diffbench.rng import SampleGenerators
 from diffbench_plugins.dit import build_dit
 from diffbench_plugins.guidance import apply_cfg
+from diffbench_plugins.mdlm import SCHEDULES
 from diffbench_plugins.samplers import sample_dpm_solver_pp
 from diffbench_plugins.unet import ClipDenoised, build_unet
 
@@ -161,6 +162,18 @@ def test_samplers_never_read_a_device_tensor_on_the_host(process):
     guided = apply_cfg(denoiser, 3.0).conditioned(torch.arange(2, device="meta"))
     for sampler in gaussian_samplers():
         assert run_sampler(sampler, guided, torch.empty(2, 1, 4, 4, device="meta"), "meta").is_meta, sampler.name
+
+
+@torch.no_grad()
+def test_masked_samplers_never_read_a_device_tensor_on_the_host():
+    vocab = 8
+    denoiser = MaskedDenoiser(lambda x, t, c: 0.01 * x[..., None].float().expand(*x.shape, vocab), vocab_size=vocab,
+                              mask_id=vocab - 1, schedule=SCHEDULES["linear"]())
+    timesteps = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
+    for sampler in [s for s in build_registry().all("samplers") if s.family == "masked"]:
+        x = torch.full((2, 16), vocab - 1, device="meta")
+        out = sampler.fn(denoiser, x, timesteps, generator=SampleGenerators(0, range(2), "meta"), **sampler.options)
+        assert out.is_meta, sampler.name
 
 
 @cuda
