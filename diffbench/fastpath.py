@@ -152,7 +152,9 @@ class FastNet(torch.nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype == torch.float32:
             return self.net(x, t, cond)
-        with torch.autocast(x.device.type, dtype=self.dtype):
+        # No cast cache: each weight is cast once per call anyway, and a CUDA graph capture must
+        # not keep casts that the cache frees when the autocast region ends.
+        with torch.autocast(x.device.type, dtype=self.dtype, cache_enabled=False):
             out = self.net(x, t, cond)
         return out.float()
 
