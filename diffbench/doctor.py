@@ -86,7 +86,7 @@ def cpu_steps(out: Path, grids: Path) -> list[Step]:
              ("pytest", "triton"), 300, needs_path=REPO / "tests"),
         Step("bench-pipeline", _cli("bench", "pipeline", "--out", out, "--config", "DiT-tiny/2", "--latent-size", 16,
                                     "--batch-sizes", 8, "--steps", 20, "--dtype", "fp32", "--compile", "off",
-                                    "--attention", "sdpa", "--device", "cpu"), ("diffusers", "tqdm"), 300),
+                                    "--attention", "sdpa", "--device", "cpu", "--repeats", 5), ("diffusers", "tqdm"), 900),
         _grid(grids, "cpu-fp32", *tiny, timeout_s=600),
         _grid(grids, "cpu-bf16-compile", *tiny, "--dtype", "bf16", "--compile", timeout_s=1200),  # inductor: C++ builds
     ]

@@ -259,17 +259,21 @@ def diffusers_cfg_loop(net, scheduler, x_T: torch.Tensor, labels: torch.Tensor, 
     return latents
 
 
-def _timed(run, device: torch.device, repeats: int) -> tuple[torch.Tensor, float, list[float]]:
-    """(output, warm-up seconds, timed seconds) of ``run()``: one warm-up, then ``repeats`` runs."""
+def _timed_interleaved(runs: dict, device: torch.device, repeats: int) -> dict:
+    """{name: (output, warm-up seconds, median seconds)} of each ``runs[name]()``: one warm-up
+    each, then ``repeats`` rounds that run each once in turn, so that a machine whose speed
+    drifts (a shared CPU) slows both sides alike and their ratio stays meaningful."""
     from diffbench.timing import wall_timer
 
-    warmup, times = [], []
-    with wall_timer(device, warmup):
-        run()
+    warmup, times, outputs = {name: [] for name in runs}, {name: [] for name in runs}, {}
+    for name, run in runs.items():
+        with wall_timer(device, warmup[name]):
+            run()
     for _ in range(repeats):
-        with wall_timer(device, times):
-            out = run()
-    return out, warmup[0], times
+        for name, run in runs.items():
+            with wall_timer(device, times[name]):
+                outputs[name] = run()
+    return {name: (outputs[name], warmup[name][0], summarize(times[name])[0]) for name in runs}
 
 
 def run_pipeline_benchmark(out_dir: str | Path = "results/kernels", *, config: str = "DiT-XL/2",
@@ -311,18 +315,18 @@ def run_pipeline_benchmark(out_dir: str | Path = "results/kernels", *, config: s
 
             def ours():
                 denoiser.stats.reset()
-                return sampler(guided, x_T.clone(), timesteps, generator=generators)
+                with use_backend(attention):
+                    return sampler(guided, x_T.clone(), timesteps, generator=generators)
 
             def theirs():
                 scheduler.set_timesteps(steps, device=device)  # resets the multistep history
-                return diffusers_cfg_loop(peer_net, scheduler, x_T.clone(), labels, num_classes, cfg_scale)
-
-            with torch.no_grad(), use_backend(attention):
-                x_ours, warmup_ours, times_ours = _timed(ours, device, repeats)
-                model_s = denoiser.stats.model_time()
                 with use_backend("sdpa"):
-                    x_theirs, _, times_theirs = _timed(theirs, device, repeats)
-            wall_ours, wall_theirs = summarize(times_ours)[0], summarize(times_theirs)[0]
+                    return diffusers_cfg_loop(peer_net, scheduler, x_T.clone(), labels, num_classes, cfg_scale)
+
+            with torch.no_grad():
+                timed = _timed_interleaved({"ours": ours, "theirs": theirs}, device, repeats)
+            (x_ours, warmup_ours, wall_ours), (x_theirs, _, wall_theirs) = timed["ours"], timed["theirs"]
+            model_s = denoiser.stats.model_time()  # of the last run of ours
             rows.append({
                 "model": config, "latent": f"{channels}x{latent_size}x{latent_size}", "batch": batch, "steps": steps,
                 "scheduler": name, "cfg_scale": cfg_scale, "device": str(device), "dtype": dtype, "compile": compile,
