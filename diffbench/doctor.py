@@ -49,8 +49,8 @@ def _cli(*args) -> list[str]:
     return ["diffbench.cli", *map(str, args)]
 
 
-def _grid(out: Path, name: str, *args, timeout_s: int = 150) -> Step:
-    return Step(f"grid-{name}", _cli("run", "--out", out / name, "--quiet", *args), GRID_MODULES, timeout_s)
+def _grid(out: Path, name: str, *args, timeout_s: int = 150, env: dict | None = None) -> Step:
+    return Step(f"grid-{name}", _cli("run", "--out", out / name, "--quiet", *args), GRID_MODULES, timeout_s, env or {})
 
 
 def default_grid_metrics() -> str:
@@ -78,6 +78,11 @@ def gpu_steps(out: Path, grids: Path) -> list[Step]:
     ]
 
 
+# One intra-op thread per CPU step: on a shared CPU, two spinning OpenMP threads per process
+# slow tiny ops down ~30× (the steps measure ratios within a run, not the CPU's peak).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def cpu_steps(out: Path, grids: Path) -> list[Step]:
     tiny = ["--models", "unet", "--samplers", "ddim", "--guidance", "none,cfg:1.0,cfg:3.0", "--steps", "10",
             "--datasets", "digits", "--metrics", "class-acc", "--num-samples", "64", "--repeats", "3", "--device", "cpu"]
@@ -86,9 +91,10 @@ def cpu_steps(out: Path, grids: Path) -> list[Step]:
              ("pytest", "triton"), 300, needs_path=REPO / "tests"),
         Step("bench-pipeline", _cli("bench", "pipeline", "--out", out, "--config", "DiT-tiny/2", "--latent-size", 16,
                                     "--batch-sizes", 8, "--steps", 20, "--dtype", "fp32", "--compile", "off",
-                                    "--attention", "sdpa", "--device", "cpu", "--repeats", 5), ("diffusers", "tqdm"), 900),
-        _grid(grids, "cpu-fp32", *tiny, timeout_s=600),
-        _grid(grids, "cpu-bf16-compile", *tiny, "--dtype", "bf16", "--compile", timeout_s=1200),  # inductor: C++ builds
+                                    "--attention", "sdpa", "--device", "cpu", "--repeats", 5), ("diffusers", "tqdm"), 900,
+             ONE_THREAD),
+        _grid(grids, "cpu-fp32", *tiny, timeout_s=600, env=ONE_THREAD),
+        _grid(grids, "cpu-bf16-compile", *tiny, "--dtype", "bf16", "--compile", timeout_s=1200, env=ONE_THREAD),
     ]
 
 
