@@ -184,10 +184,11 @@ def grid_ratios(eager: pd.DataFrame | None, fast: pd.DataFrame | None) -> list[d
                                                          f"(compile {r['compile_s_fast']:.1f} s apart)"})
     if eager is not None:
         ok = eager[eager["status"] == "ok"].set_index(["model", "dataset", "guidance"])["wall_s"]
-        for model, dataset in {(m, d) for m, d, g in ok.index if g == "cfg:1.0"}:
-            if (model, dataset, "none") in ok.index:
-                lines.append({"target": f"cfg:1.0 wall ÷ none wall, {model} {dataset} (was ≈ 2.5× before the shortcut)",
-                              "status": "measured", "value": f"{ok[model, dataset, 'cfg:1.0'] / ok[model, dataset, 'none']:.3g}×"})
+        for model, dataset, guidance in ok.index:
+            if guidance in ("cfg:1.0", "cfg[scale=1.0]") and (model, dataset, "none") in ok.index:
+                lines.append({"target": f"cfg:1.0 wall ÷ none wall, {model} {dataset} (≈ 2.5× before the shortcut)",
+                              "status": "measured",
+                              "value": f"{ok[model, dataset, guidance] / ok[model, dataset, 'none']:.3g}×"})
     return lines
 
 
@@ -246,6 +247,12 @@ def run_doctor(out: str | Path = "results/kernels", budget_s: float = 480.0, cpu
         echo(f"[{time.perf_counter() - start:5.0f} s] {step.name} ...")
         rows.append(run_step(step, logs, budget_s - (time.perf_counter() - start)))
         echo(f"         {rows[-1]['status']} {rows[-1]['reason']}")
+    # A rerun of some steps (--only) keeps the other steps' rows of the last run.
+    steps_file = out / f"{slug}-doctor-steps.csv"
+    if only and steps_file.is_file():
+        rows = [r for r in pd.read_csv(steps_file, keep_default_na=False).to_dict("records")
+                if r["step"] not in {s.name for s in plan}] + rows
+    pd.DataFrame(rows, columns=["step", "status", "seconds", "reason"]).to_csv(steps_file, index=False)
     path = out / f"{slug}-doctor.md"
     path.write_text(summary(out, slug, rows, on_cuda))
     return path
