@@ -28,6 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_MODULES = ("tqdm", "psutil", "matplotlib", "safetensors")  # what `diffbench run` imports
+# The test suite imports every plugin (digits: scikit-learn) and diffusers at collection time.
+TEST_MODULES = ("pytest", *GRID_MODULES, "sklearn", "diffusers")
 DIT_XL = "dit[config=DiT-XL/2,checkpoint=random]"  # 256 tokens on the 32×32 shapes images, as at 256 px
 
 
@@ -64,7 +66,7 @@ def gpu_steps(out: Path, grids: Path) -> list[Step]:
            "--datasets", "shapes", "--metrics", "", "--num-samples", "64", "--batch-size", "64", "--repeats", "3",
            "--device", "cuda"]
     return [
-        Step("gpu-tests", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(REPO / "tests")], ("pytest",),
+        Step("gpu-tests", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(REPO / "tests")], TEST_MODULES,
              150, needs_path=REPO / "tests"),
         Step("bench-attention", _cli("bench", "attention", "--out", out), ("triton", "tqdm"), 150),
         Step("bench-dit-step", _cli("bench", "dit-step", "--out", out, "--batch-size", 64), ("triton", "tqdm"), 60),
