@@ -26,8 +26,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from diffbench.timing import summarize
-
 PASSES = ("fwd", "fwd+bwd")
 BACKWARD_FLOPS_RATIO = 2.5  # backward = 2.5x forward matmul FLOPs (5 matmuls vs 2, FA2 section 4.1)
 
@@ -263,7 +261,7 @@ def _timed_interleaved(runs: dict, device: torch.device, repeats: int) -> dict:
     """{name: (output, warm-up seconds, median seconds)} of each ``runs[name]()``: one warm-up
     each, then ``repeats`` rounds that run each once in turn, so that a machine whose speed
     drifts (a shared CPU) slows both sides alike and their ratio stays meaningful."""
-    from diffbench.timing import wall_timer
+    from diffbench.timing import summarize, wall_timer  # psutil: only the pipeline benchmark needs it
 
     warmup, times, outputs = {name: [] for name in runs}, {name: [] for name in runs}, {}
     for name, run in runs.items():
