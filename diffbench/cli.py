@@ -117,6 +117,13 @@ def main():
 @click.option("--seed", type=int, help="Seed: x_T of sample i depends only on (seed, i).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run (default auto).")
 @click.option("--attention", type=click.Choice(["triton", "sdpa", "math"]), help="Attention backend of the models.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Network precision (autocast); sampler state and schedule stay fp32/fp64. Default fp32.")
+@click.option("--compile", is_flag=False, flag_value="default", metavar="[MODE]",
+              help="torch.compile the network; MODE: default (bare --compile), reduce-overhead, max-autotune, "
+                   "max-autotune-no-cudagraphs, off. Compile time is reported apart (compile_s).")
+@click.option("--cuda-graphs", is_flag=True, default=None,
+              help="Capture the network call per shape as a CUDA graph and replay it (CUDA only).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write results exactly here "
               "(default: results/<run-id>, with results/latest pointing at it).")
 @click.option("--save-samples", is_flag=True, default=None, help="Also write samples/<cell>.safetensors (x_T, x_0).")
@@ -365,6 +372,26 @@ def best(run_dir, metric, budgets):
     click.echo(f"plot: {plot}")
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/kernels", show_default=True)
+@click.option("--budget-s", type=float, default=None,
+              help="Time budget in seconds for all steps (default 480 with CUDA, 2400 on CPU).")
+@click.option("--cpu-only", is_flag=True, help="Run the CPU subset even where CUDA is available.")
+@click.option("--only", default=None, help="Comma-separated step names to run (e.g. to rerun a failed one).")
+def doctor(out_dir, budget_s, cpu_only, only):
+    """Check the GPU fast path in one command: GPU tests, bench attention / dit-step / pipeline and a
+    short GPU grid, then a summary with one line per target (met / not met, the number). Without
+    CUDA: the CPU subset, and GPU targets reported as not checked. Writes <out>/<gpu>-doctor.md."""
+    import torch
+
+    from diffbench.doctor import run_doctor
+
+    on_cuda = torch.cuda.is_available() and not cpu_only
+    path = run_doctor(_writable_dir(Path(out_dir)), budget_s or (480.0 if on_cuda else 2400.0), cpu_only,
+                      split_list(only) if only else None, echo=click.echo)
+    click.echo(path.read_text())
+
+
 @main.group()
 def bench():
     """Micro-benchmarks (GPU)."""
@@ -393,6 +420,53 @@ def bench_dit_step(out_dir, batch_size):
         run_dit_step_benchmark(_writable_dir(Path(out_dir)), batch_size=batch_size)
     except RuntimeError as exc:
         _fail(str(exc))
+
+
+@bench.command("pipeline")
+@click.option("--config", "model_config", default="DiT-XL/2", show_default=True, help="DiT config (random weights).")
+@click.option("--latent-size", type=int, default=32, show_default=True, help="Latent side (32 = 256 px).")
+@click.option("--channels", type=int, default=4, show_default=True, help="Latent channels.")
+@click.option("--batch-sizes", default="8,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--schedulers", default="ddim,dpm-solver++", show_default=True,
+              help="diffusers DDIMScheduler (ddim) / DPMSolverMultistepScheduler (dpm-solver++) vs diffbench's sampler.")
+@click.option("--cfg-scale", type=float, default=4.0, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True)
+@click.option("--compile", "compile_mode", default="default", show_default=True,
+              help="diffbench side: torch.compile mode, or off.")
+@click.option("--cuda-graphs", is_flag=True, help="diffbench side: replay the network as CUDA graphs.")
+@click.option("--attention", type=click.Choice(["triton", "sdpa", "math"]), default="triton", show_default=True,
+              help="diffbench side's attention backend (diffusers' side uses sdpa).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/kernels", show_default=True)
+def bench_pipeline(model_config, batch_sizes, schedulers, device, out_dir, compile_mode, **options):
+    """diffbench's sampling loop vs diffusers' (DiTPipeline's) on the same DiT, dtype, batch and x_T:
+    ms per step, their ratio, max |difference| of the outputs."""
+    from tabulate import tabulate
+
+    from diffbench.kernels.bench import PIPELINE_SCHEDULERS, run_pipeline_benchmark
+    from diffbench.runner import resolve_device
+    from diffbench_plugins.dit import DIT_CONFIGS
+
+    try:
+        sizes = [int(b) for b in split_list(batch_sizes)]
+    except ValueError:
+        _fail(f"--batch-sizes: {batch_sizes!r} must be comma-separated integers")
+    try:
+        if model_config not in DIT_CONFIGS:
+            raise ConfigError(f"--config: {model_config!r} is not a DiT config; valid: {', '.join(DIT_CONFIGS)}")
+        unknown = [s for s in split_list(schedulers) if s not in PIPELINE_SCHEDULERS]
+        if unknown:
+            raise ConfigError(f"--schedulers: {unknown[0]!r} is not one of {', '.join(PIPELINE_SCHEDULERS)}")
+        table = run_pipeline_benchmark(_writable_dir(Path(out_dir)), config=model_config, batch_sizes=sizes,
+                                       schedulers=split_list(schedulers), device=resolve_device(device),
+                                       compile=compile_mode, **options)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except ImportError as exc:
+        _fail(f"bench pipeline compares against diffusers, which cannot be imported: {exc}")
+    click.echo(tabulate(table, headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g"))
 
 
 if __name__ == "__main__":

@@ -63,9 +63,14 @@ class CallStats:
 
     def timed_call(self, net: Callable, x: torch.Tensor, t, cond, same_shape: bool = True):
         """One counted, checked network call (:func:`call_network`) with t broadcast to the batch as
-        float32; its time is recorded with CUDA events (read later, no sync) or perf_counter."""
+        float32; its time is recorded with CUDA events (read later, no sync) or perf_counter.
+        A host time becomes a device fill (a scalar) or an asynchronous copy: a blocking
+        host-to-device copy would synchronise every sampler step."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        t_batch = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        else:
+            t_batch = t.to(device=x.device, dtype=torch.float32, non_blocking=True)
         self.nfe += 1
         if x.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -88,9 +93,12 @@ class CallStats:
         return self.model_seconds
 
 
-def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or [B] float64 coefficient as a tensor broadcastable against x, in x's dtype."""
-    coef = coef.to(device=x.device, dtype=x.dtype)
+def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
+    """A [B] float64 coefficient as a tensor broadcastable against x, in x's dtype; a 0-d one as
+    a Python float (host schedule scalars must not be copied to the device: that synchronises)."""
+    if coef.ndim == 0 and coef.device.type == "cpu":
+        return float(coef)
+    coef = coef.to(device=x.device, dtype=x.dtype, non_blocking=True)
     return coef.reshape(-1, *([1] * (x.ndim - 1))) if coef.ndim == 1 else coef
 
 

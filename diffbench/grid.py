@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from diffbench.checkpoints import checkpoint_name, find_checkpoint
 from diffbench.data import DataSource
+from diffbench.fastpath import COMPILE_MODES, DTYPES, FastPath, compile_mode
 from diffbench.io import read_text
 from diffbench.registry import ConfigError, Option, Ref, Registry, convert_options, split_list
 
@@ -70,10 +71,18 @@ class RunConfig:
     device: str = "auto"
     attention: str = "sdpa"
     save_samples: bool = False
+    # The network's fast path (diffbench.fastpath).
+    dtype: str = "fp32"
+    compile: str = "off"
+    cuda_graphs: bool = False
     model_datasets: dict[str, list[Ref]] = field(default_factory=dict)  # model label -> datasets, if no datasets
 
     def datasets_of(self, model: Ref) -> list[Ref]:
         return self.datasets or self.model_datasets[model.label]
+
+    @property
+    def fast_path(self) -> FastPath:
+        return FastPath(self.dtype, self.compile, self.cuda_graphs)
 
     def cells(self) -> list[Cell]:
         return [Cell(model, *combo) for model in self.models
@@ -91,7 +100,10 @@ class RunConfig:
 # The scalar settings of a run, typed like component options (see diffbench.registry.Option).
 RUN_OPTIONS = {"num_samples": Option(1000, min=1), "batch_size": Option(0, min=0), "seed": Option(0, min=0, max=2**62),
                "repeats": Option(3, min=1), "device": Option("auto", choices=DEVICES),
-               "attention": Option("sdpa", choices=ATTENTION), "save_samples": Option(False)}
+               "attention": Option("sdpa", choices=ATTENTION), "save_samples": Option(False),
+               # the network's fast path (diffbench.fastpath)
+               "dtype": Option("fp32", choices=tuple(DTYPES)), "compile": Option("off", choices=COMPILE_MODES),
+               "cuda_graphs": Option(False)}
 STEP = Option(10, min=1, max=100_000)  # one entry of run.steps
 VALID_KEYS = (*AXES, "steps", *RUN_OPTIONS)
 BYTES_PER_VALUE = 4  # float32 samples
@@ -158,9 +170,13 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
         except ValueError as exc:
             raise ConfigError(f"run.steps: {item!r} {exc}") from None
 
+    if "compile" in settings:  # `compile = true` in a config file means the default mode
+        settings = {**settings, "compile": compile_mode(settings["compile"])}
     scalars = convert_options("run", RUN_OPTIONS, {k: v for k, v in settings.items() if k in RUN_OPTIONS and v is not None})
     model_datasets = {} if axes["datasets"] else {m.label: default_datasets(registry, m) for m in axes["models"]}
-    return RunConfig(**axes, steps=steps, **scalars, model_datasets=model_datasets)
+    config = RunConfig(**axes, steps=steps, **scalars, model_datasets=model_datasets)
+    config.fast_path  # validates the combination of dtype, compile and cuda_graphs (ConfigError names the key)
+    return config
 
 
 def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> DataSource:

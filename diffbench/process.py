@@ -161,6 +161,13 @@ class VPDiscrete(GaussianProcess):
         self.t_max, self.t_min, self.t_data = float(self.num_steps - 1), 0.0, -1.0
         # log(σ/α) at each index: the quantity interpolated between indices.
         self._log_snr_inv = 0.5 * torch.log((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        self._log_snr_inv_on = {torch.device("cpu"): self._log_snr_inv}  # the table per device
+
+    def _log_snr_inv_table(self, device: torch.device) -> torch.Tensor:
+        """The log(σ/α) table on ``device`` (copied once: a network evaluates α(t) on its own device)."""
+        if device not in self._log_snr_inv_on:
+            self._log_snr_inv_on[device] = self._log_snr_inv.to(device)
+        return self._log_snr_inv_on[device]
 
     @classmethod
     def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
@@ -181,7 +188,8 @@ class VPDiscrete(GaussianProcess):
         t = t.clamp(0, self.t_max)
         lo = t.floor().long().clamp(max=self.num_steps - 2)
         w = t - lo
-        return (1 - w) * self._log_snr_inv[lo] + w * self._log_snr_inv[lo + 1]
+        table = self._log_snr_inv_table(t.device)
+        return (1 - w) * table[lo] + w * table[lo + 1]
 
     def alpha(self, t) -> torch.Tensor:
         t = _as_f64(t)
@@ -198,7 +206,8 @@ class VPDiscrete(GaussianProcess):
         dα/dt = −α σ² dℓ/dt and dσ/dt = σ α² dℓ/dt (zero at clean data, t < 0)."""
         t = _as_f64(t)
         lo = t.clamp(0, self.t_max).floor().long().clamp(max=self.num_steps - 2)
-        slope = self._log_snr_inv[lo + 1] - self._log_snr_inv[lo]
+        table = self._log_snr_inv_table(t.device)
+        slope = table[lo + 1] - table[lo]
         a, s = self.alpha(t), self.sigma(t)
         da, ds = -a * s**2 * slope, s * a**2 * slope
         return torch.where(t < 0, torch.zeros_like(da), da), torch.where(t < 0, torch.zeros_like(ds), ds)

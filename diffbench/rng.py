@@ -53,11 +53,18 @@ class SampleGenerators:
 
     def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         """[B, *shape] standard normal draws."""
-        return self._normal.take(math.prod(shape), dtype).reshape(len(self), *shape).to(self.device)
+        return self._to_device(self._normal.take(math.prod(shape), dtype).reshape(len(self), *shape))
 
     def rand(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         """[B, *shape] uniform draws in [0, 1)."""
-        return self._uniform.take(math.prod(shape), dtype).reshape(len(self), *shape).to(self.device)
+        return self._to_device(self._uniform.take(math.prod(shape), dtype).reshape(len(self), *shape))
+
+    def _to_device(self, draws: torch.Tensor) -> torch.Tensor:
+        """On CUDA: a pinned copy sent asynchronously (a blocking copy would synchronise every
+        stochastic sampler step)."""
+        if self.device.type == "cuda":
+            return draws.pin_memory().to(self.device, non_blocking=True)
+        return draws.to(self.device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)

@@ -11,7 +11,7 @@ import logging
 import math
 import numbers
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffbench.data import DataSource
 from diffbench.denoiser import NetworkError
+from diffbench.fastpath import apply_fast_path, check_supported
 from diffbench.grid import Cell, RunConfig
 from diffbench.io import atomic_write_bytes, atomic_write_text, read_json
 from diffbench.metrics import MetricContext
@@ -138,6 +139,7 @@ class Generated:
     wall_s: float
     wall_std_s: float
     model_s: float
+    warmup_s: float  # the warm-up run (with compile / CUDA graphs: includes compilation and capture)
 
 
 @dataclass
@@ -157,7 +159,8 @@ def base_row(config: RunConfig, cell: Cell, registry: Registry, device: torch.de
             "spacing": registry.options("samplers", cell.sampler).get("spacing"),
             "num_samples": config.num_samples, "batch_size": min(config.batch_size or config.num_samples,
                                                                  config.num_samples),
-            "seed": config.seed, "device": str(device), "attention": effective_backend(device), "reason": ""}
+            "seed": config.seed, "device": str(device), "attention": effective_backend(device), "reason": "",
+            "dtype": config.dtype, "compile": config.compile, "cuda_graphs": config.cuda_graphs}
 
 
 class GridRunner:
@@ -168,6 +171,7 @@ class GridRunner:
                  progress: bool = True, datasets: dict | None = None, cells=None):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
         self.device = resolve_device(config.device)
+        check_supported(config.fast_path, self.device)
         self.progress = progress
         self.writer = ResultsWriter(self.out_dir)
         if resume:
@@ -193,8 +197,10 @@ class GridRunner:
         except ValueError as exc:
             raise ConfigError(f"cannot --resume in {self.out_dir}: {exc}") from None
         current = self.config.as_dict()
-        for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention"):
-            if previous.get(key) != current[key]:
+        defaults = {f.name: f.default for f in fields(RunConfig)}  # for a run made before a key existed
+        for key in ("num_samples", "batch_size", "seed", "metrics", "device", "attention", "dtype", "compile",
+                    "cuda_graphs"):
+            if previous.get(key, defaults[key]) != current[key]:
                 raise ConfigError(f"cannot --resume in {self.out_dir}: run.{key} was {previous.get(key)!r}, now {current[key]!r}")
         self.writer.rows = [r for r in rows if r["status"] in ("ok", "skipped")]
         self.writer.metric_columns.update(directions)
@@ -257,7 +263,7 @@ class GridRunner:
         sampler = self.registry.get("samplers", cell.sampler.name)
         generated, dataset, denoiser = self._generate(cell, sampler, self.registry.options("samplers", cell.sampler))
         check_finite_samples(cell, generated.samples)
-        row.update(self._timing_columns(generated, cell.steps))
+        row.update(self._timing_columns(generated, cell.steps), channels_last=denoiser.channels_last)
         metrics, directions = self._metrics(cell, generated, dataset, denoiser)
         row.update(metrics, status="ok")
         self._save(cell, generated, dataset)
@@ -277,9 +283,12 @@ class GridRunner:
 
     def _model(self, ref, dataset_ref, dataset: DataSource):
         component = self.registry.get("models", ref.name)
-        return _cached(self._loaded, ("model", ref.label, dataset_ref.label),
-                       lambda: _call(component, component.load, dataset, device=self.device,
-                                     **self.registry.options("models", ref)))
+
+        def load():
+            denoiser = _call(component, component.load, dataset, device=self.device,
+                             **self.registry.options("models", ref))
+            return apply_fast_path(denoiser, self.config.fast_path, self.device)
+        return _cached(self._loaded, ("model", ref.label, dataset_ref.label), load)
 
     def _generate(self, cell: Cell, sampler: Component, options: dict):
         dataset = self._dataset(cell.dataset)
@@ -308,7 +317,11 @@ class GridRunner:
             return x_T, check_sample_output(sampler, out, x_T)
 
         n, bs = self.config.num_samples, self._batch_size()
-        sample(range(min(WARMUP_SAMPLES, bs)))  # warm-up: allocator, lazy init, kernel autotuning
+        # Warm-up: allocator, lazy init, kernel autotuning; with compile / CUDA graphs the timed
+        # batch's shapes, so that compilation and capture happen here (reported as compile_s).
+        warmup = []
+        with wall_timer(self.device, warmup):
+            sample(range(bs if self.config.fast_path.fixed_shapes else min(WARMUP_SAMPLES, bs)))
         times, model_times, first = [], [], None
         for _ in range(self.config.repeats):
             denoiser.stats.reset()
@@ -322,7 +335,7 @@ class GridRunner:
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
         generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
-                              summarize(model_times)[0])
+                              summarize(model_times)[0], warmup[0])
         return generated, dataset, base
 
     def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
@@ -341,7 +354,9 @@ class GridRunner:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""
         return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
                 "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps,
-                "samples_per_s": self._batch_size() / g.wall_s}
+                "samples_per_s": self._batch_size() / g.wall_s,
+                # compile_s: what the warm-up run took over a timed run (compilation, graph capture).
+                "compile_s": g.warmup_s - g.wall_s if self.config.fast_path.fixed_shapes else None}
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
         key = cell.dataset.label  # the label: one dataset with two option sets is two references

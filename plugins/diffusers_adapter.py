@@ -10,6 +10,10 @@ through unchanged (fractional t as well: both networks embed a float timestep).
 Weights load from safetensors only: pickle files (``diffusion_pytorch_model.bin``) can run code
 when read, so they need the explicit option ``allow_pickle=true``, which then shows in the row's
 model label. Scheduler fields the loader cannot honour are refused, not ignored.
+
+diffusers checkpoints store separate q, k and v projections; at load they are concatenated into
+one fused QKV projection per self-attention layer (one matmul instead of three, as diffbench's
+own attention blocks do), with the same outputs.
 """
 from __future__ import annotations
 
@@ -113,6 +117,17 @@ class DiffusersNet(torch.nn.Module):
         return out[:, : x.shape[1]]
 
 
+def fuse_qkv(model: torch.nn.Module) -> torch.nn.Module:
+    """Concatenate q/k/v of every self-attention layer into ``to_qkv`` and attend through it."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    for layer in model.modules():
+        if isinstance(layer, Attention) and not layer.is_cross_attention and isinstance(layer.processor, AttnProcessor2_0):
+            layer.fuse_projections()
+            layer.set_processor(FusedAttnProcessor2_0())
+    return model
+
+
 def load_diffusers(dataset=None, *, device="cpu", path: str = "", subfolder: str = "", prediction: str = "",
                    allow_pickle: bool = False, **_):
     if not path:
@@ -131,7 +146,8 @@ def load_diffusers(dataset=None, *, device="cpu", path: str = "", subfolder: str
     if class_name not in classes:
         raise Incompatible(f"diffusers: {class_name!r} is not supported (UNet2DModel, DiTTransformer2DModel)")
     _check_weights(model_dir, allow_pickle)
-    model = classes[class_name].from_pretrained(str(model_dir), use_safetensors=not allow_pickle).to(device).eval()
+    model = fuse_qkv(classes[class_name].from_pretrained(str(model_dir), use_safetensors=not allow_pickle))
+    model = model.to(device).eval()
     if dataset is not None and dataset.modality == "image":
         size = model.config.sample_size
         size = size if isinstance(size, int) else size[0]

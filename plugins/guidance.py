@@ -48,7 +48,8 @@ class _GuidedDenoiser(Denoiser):
 class CFGDenoiser(_GuidedDenoiser):
     """Classifier-free guidance: x̂0 = x̂0(x, ∅) + w·(x̂0(x, y) − x̂0(x, ∅)) (equivalently in ε,
     since ε̂ is affine in x̂0 at fixed x, t). The conditional and unconditional predictions come
-    from ONE network call on the batch [x; x] with labels [y; ∅]: one NFE per step.
+    from ONE network call on the batch [x; x] with labels [y; ∅]: one NFE per step. At w = 1
+    (w = 0) only the conditional (unconditional) half is computed: same samples, half the work.
     Outside the noise interval [sigma_min, sigma_max] (Kynkäänniemi et al. 2024, "Applying guidance
     in a limited interval") the plain conditional prediction is used."""
 
@@ -60,10 +61,13 @@ class CFGDenoiser(_GuidedDenoiser):
 
     def __call__(self, x, t, cond=None):
         cond = self.cond if cond is None else cond
-        if cond is None or not self._in_interval(t, self.sigma_min, self.sigma_max):
+        # w = 1 is the conditional prediction alone: no unconditional half to compute.
+        if cond is None or self.scale == 1 or not self._in_interval(t, self.sigma_min, self.sigma_max):
             return self._base_x0(x, t, cond)
         cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
         null = torch.full_like(cond, self.null_class)
+        if self.scale == 0:  # w = 0 is the unconditional prediction alone
+            return self._base_x0(x, t, null)
         t = torch.as_tensor(t, dtype=torch.float64)
         t2 = torch.cat([t, t]) if t.ndim == 1 else t
         x0_cond, x0_uncond = self._base_x0(torch.cat([x, x]), t2, torch.cat([cond, null])).chunk(2)

@@ -13,9 +13,12 @@ from torch import nn
 
 from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser, _per_sample
+from diffbench.nn.layers import random_weights
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
 from diffbench.training import TrainConfig, denoising_loss, train
+
+RANDOM_WEIGHTS = "random"  # option checkpoint=random: untrained stand-in weights, for timing at any size
 
 
 class ClipDenoised(nn.Module):
@@ -84,6 +87,20 @@ class ImageModelPlugin:
 
     def load(self, dataset, *, device="cpu", **options) -> Denoiser:
         opts = self._resolve(dataset, options)
+        if opts["checkpoint"] == RANDOM_WEIGHTS:
+            net, process, num_classes = self.network(dataset, opts)
+            random_weights(net)
+        else:
+            net, process, num_classes, opts = self._load_checkpoint(dataset, opts, device)
+        if opts["clip_denoised"]:
+            net = ClipDenoised(net, process, opts["parameterization"])
+        denoiser = Denoiser(net.to(device).eval(), process, opts["parameterization"], num_classes=num_classes,
+                            null_class=num_classes if num_classes else None, name=self.name)
+        denoiser.dataset_name = dataset.name  # lets classifier guidance find <dataset>-noisy-cnn
+        return denoiser
+
+    def _load_checkpoint(self, dataset, opts: dict, device):
+        """(network with the checkpoint's weights, process, num_classes, options the checkpoint fixes)."""
         path = model_checkpoint(self.name, dataset.name, opts, self._checkpoint_defaults(dataset.name),
                                 ignore=("clip_denoised",))
         weights, saved = load_checkpoint(path, device)
@@ -91,12 +108,7 @@ class ImageModelPlugin:
                            if k in saved.get("model", {})}}
         net, process, num_classes = self.network(dataset, opts)
         net.load_state_dict(weights)
-        if opts["clip_denoised"]:
-            net = ClipDenoised(net, process, opts["parameterization"])
-        denoiser = Denoiser(net.to(device).eval(), process, opts["parameterization"], num_classes=num_classes,
-                            null_class=num_classes if num_classes else None, name=self.name)
-        denoiser.dataset_name = dataset.name  # lets classifier guidance find <dataset>-noisy-cnn
-        return denoiser
+        return net, process, num_classes, opts
 
     def train(self, dataset, out=None, *, device="cpu", steps=None, batch_size=None, lr=None, seed=0,
               label_dropout=0.1, progress=True, init="", **options) -> Path:

@@ -1,4 +1,9 @@
-"""Attention kernel benchmark (GPU only): TFLOP/s of the forward and forward+backward passes.
+"""Kernel and loop benchmarks.
+
+``bench attention`` and ``bench dit-step`` (GPU only) are below; ``bench pipeline`` (GPU or CPU)
+is :func:`run_pipeline_benchmark` at the end.
+
+Attention kernel benchmark: TFLOP/s of the forward and forward+backward passes.
 
 Backends: the project's Triton kernel, each SDPA backend torch offers (flash, cuDNN,
 memory-efficient; a backend that rejects a shape is recorded as ``unsupported``) and the
@@ -134,6 +139,11 @@ def gpu_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def device_slug(device: torch.device) -> str:
+    """The GPU's slug on CUDA, ``cpu`` otherwise: the stem of the benchmark tables."""
+    return gpu_slug() if device.type == "cuda" else "cpu"
+
+
 def _markdown(table: pd.DataFrame, title: str) -> str:
     """One TFLOP/s table per pass: rows are cases, columns backends (the status where no figure)."""
     table = table.assign(
@@ -203,4 +213,136 @@ def run_dit_step_benchmark(out_dir: str | Path = "results/kernels", batch_size: 
     table.to_csv(out_dir / f"{gpu_slug()}-dit-step.csv", index=False)
     (out_dir / f"{gpu_slug()}-dit-step.md").write_text(
         f"# DiT-XL/2 denoiser step on {torch.cuda.get_device_name()}\n\n" + table.to_markdown(index=False) + "\n")
+    return table
+
+
+# --- diffbench's sampling loop against diffusers' loop --------------------------------------
+#
+# Both step the same class-conditional DiT (random weights) with classifier-free guidance from
+# the same x_T, the network in the same dtype (autocast; float32 state on both sides). diffusers'
+# loop is DiTPipeline.__call__'s: the batch [x; x] with labels [y; ∅], ε̂ = ε̂_∅ + w (ε̂_y − ε̂_∅),
+# scheduler.step. diffbench's is its sampler on diffusers' own timestep grid (the time of clean
+# data appended), with the network under the fast path being measured (compile, CUDA graphs,
+# attention backend). diffusers' side always runs eager with SDPA attention: the peer as shipped.
+
+PIPELINE_SCHEDULERS = ("ddim", "dpm-solver++")
+
+
+def _scheduler(name: str, steps: int, device: torch.device):
+    """diffusers' scheduler with DDPM's linear β (DiT's) and diffbench's sampler + final time for it."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from diffbench_plugins.samplers import sample_ddim, sample_dpm_solver_pp
+
+    schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    if name == "ddim":
+        scheduler, sampler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=True), sample_ddim
+    else:
+        scheduler = DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                                final_sigmas_type="zero")
+        sampler = sample_dpm_solver_pp
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = torch.cat([scheduler.timesteps.double().cpu(), torch.tensor([-1.0], dtype=torch.float64)])
+    return scheduler, sampler, timesteps
+
+
+def diffusers_cfg_loop(net, scheduler, x_T: torch.Tensor, labels: torch.Tensor, null_class: int, scale: float):
+    """DiTPipeline's denoising loop (diffusers, pipeline_dit.py) around ``net(x, t, y) -> ε̂``."""
+    latents, null = x_T, torch.full_like(labels, null_class)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # [2B, C, H, W]
+        eps = net(model_input, t.expand(model_input.shape[0]).float(), torch.cat([labels, null]))
+        eps_cond, eps_uncond = eps.chunk(2)
+        latents = scheduler.step(eps_uncond + scale * (eps_cond - eps_uncond), t, latents).prev_sample
+    return latents
+
+
+def _timed_interleaved(runs: dict, device: torch.device, repeats: int) -> dict:
+    """{name: (output, warm-up seconds, median seconds)} of each ``runs[name]()``: one warm-up
+    each, then ``repeats`` rounds that run each once in turn, so that a machine whose speed
+    drifts (a shared CPU) slows both sides alike and their ratio stays meaningful."""
+    from diffbench.timing import summarize, wall_timer  # psutil: only the pipeline benchmark needs it
+
+    warmup, times, outputs = {name: [] for name in runs}, {name: [] for name in runs}, {}
+    for name, run in runs.items():
+        with wall_timer(device, warmup[name]):
+            run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            with wall_timer(device, times[name]):
+                outputs[name] = run()
+    return {name: (outputs[name], warmup[name][0], summarize(times[name])[0]) for name in runs}
+
+
+def run_pipeline_benchmark(out_dir: str | Path = "results/kernels", *, config: str = "DiT-XL/2",
+                           latent_size: int = 32, channels: int = 4, batch_sizes=(8, 64), steps: int = 50,
+                           schedulers=PIPELINE_SCHEDULERS, cfg_scale: float = 4.0, dtype: str = "bf16",
+                           compile: str = "default", cuda_graphs: bool = False, attention: str = "triton",
+                           device: str | torch.device = "cuda", repeats: int = 3, num_classes: int = 1000,
+                           seed: int = 0) -> pd.DataFrame:
+    """ms per sampling step of diffbench's loop and diffusers' loop on the same DiT, their ratio
+    (``speedup`` > 1: diffbench faster), images/s, the max |difference| of the outputs, and
+    diffbench's host overhead (wall minus network time, % of network time).
+    Writes ``<out_dir>/<device-slug>-pipeline.csv`` and ``.md``."""
+    from diffbench.denoiser import Denoiser
+    from diffbench.fastpath import FastPath, accelerate, check_supported
+    from diffbench.nn.attention import effective_backend, use_backend
+    from diffbench.nn.layers import random_weights
+    from diffbench.process import VPDiscrete
+    from diffbench.rng import SampleGenerators
+    from diffbench_plugins.dit import build_dit
+    from diffbench_plugins.guidance import apply_cfg
+
+    device = torch.device(device)
+    fast = FastPath(dtype, compile, cuda_graphs)
+    check_supported(fast, device)
+    process = VPDiscrete.linear()
+    with torch.random.fork_rng(devices=[]):
+        net = random_weights(build_dit(config, channels, latent_size, process, num_classes), seed).to(device).eval()
+    ours_net, _ = accelerate(net, fast, device)
+    peer_net, _ = accelerate(net, FastPath(dtype), device)
+    rows = []
+    for batch in batch_sizes:
+        generators = SampleGenerators(seed, range(batch), device)
+        x_T = generators.randn((channels, latent_size, latent_size))
+        labels = torch.arange(batch, device=device) % num_classes
+        for name in schedulers:
+            scheduler, sampler, timesteps = _scheduler(name, steps, device)
+            denoiser = Denoiser(ours_net, process, "eps", num_classes=num_classes, null_class=num_classes)
+            guided = apply_cfg(denoiser, cfg_scale).conditioned(labels)
+
+            def ours():
+                denoiser.stats.reset()
+                with use_backend(attention):
+                    return sampler(guided, x_T.clone(), timesteps, generator=generators)
+
+            def theirs():
+                scheduler.set_timesteps(steps, device=device)  # resets the multistep history
+                with use_backend("sdpa"):
+                    return diffusers_cfg_loop(peer_net, scheduler, x_T.clone(), labels, num_classes, cfg_scale)
+
+            with torch.no_grad():
+                timed = _timed_interleaved({"ours": ours, "theirs": theirs}, device, repeats)
+            (x_ours, warmup_ours, wall_ours), (x_theirs, _, wall_theirs) = timed["ours"], timed["theirs"]
+            model_s = denoiser.stats.model_time()  # of the last run of ours
+            rows.append({
+                "model": config, "latent": f"{channels}x{latent_size}x{latent_size}", "batch": batch, "steps": steps,
+                "scheduler": name, "cfg_scale": cfg_scale, "device": str(device), "dtype": dtype, "compile": compile,
+                "cuda_graphs": cuda_graphs, "attention": effective_backend(device),
+                "diffbench_ms_per_step": 1e3 * wall_ours / steps, "diffusers_ms_per_step": 1e3 * wall_theirs / steps,
+                "speedup": wall_theirs / wall_ours, "diffbench_images_per_s": batch / wall_ours,
+                "diffusers_images_per_s": batch / wall_theirs,
+                "max_abs_diff": float((x_ours - x_theirs).abs().max()), "max_abs_output": float(x_theirs.abs().max()),
+                "overhead_pct": 100 * (wall_ours - model_s) / model_s,
+                "compile_s": warmup_ours - wall_ours if fast.fixed_shapes else None,
+            })
+    table = pd.DataFrame(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_slug(device)}-pipeline"
+    table.to_csv(out_dir / f"{stem}.csv", index=False)
+    title = (f"# diffbench vs diffusers sampling loop on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+             f"\n\ntorch {torch.__version__}; speedup = diffusers ms/step ÷ diffbench ms/step; overhead_pct = "
+             "diffbench's wall minus network time, % of network time.\n\n")
+    (out_dir / f"{stem}.md").write_text(title + table.to_markdown(index=False, floatfmt=".4g") + "\n")
     return table

@@ -18,6 +18,21 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def random_weights(module: nn.Module, seed: int = 0, bias_std: float = 0.02) -> nn.Module:
+    """Stand-in weights for timing and agreement runs without a checkpoint, deterministic in
+    ``seed`` alone: matrices and kernels from N(0, 1/fan_in) (LeCun init: activations stay O(1)),
+    norm scales (vectors of ones) kept, other vectors (biases) from N(0, bias_std²). Unlike a
+    fresh init, nothing is zero (adaLN-Zero, output layers), so the output depends on the input."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+            elif not bool((p == 1).all()):
+                p.copy_(torch.randn(p.shape, generator=generator) * bias_std)
+    return module
+
+
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with ``groups`` groups, or fewer when the channel count is not divisible."""
     while channels % groups:
