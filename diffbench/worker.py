@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -33,13 +34,28 @@ class WorkerDied(Exception):
     """The worker process ended (or had to be killed) before answering."""
 
 
-def serve(conn, plugins: list[str], config: RunConfig, out_dir: str, cwd: str, environ: dict) -> None:
+def _exit_when_orphaned(supervisor_pid: int) -> None:
+    """A daemon thread: end this worker (even mid-cell) once the supervisor is gone (e.g. kill -9)."""
+    def watch():
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(supervisor_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def serve(conn, plugins: list[str], config: RunConfig, out_dir: str, cwd: str, environ: dict,
+          supervisor_pid: int) -> None:
     """The worker's loop: build the registry, then run each cell received until ``None``. The
     worker takes the supervisor's working directory and environment (the forkserver has the ones
     it started with), so relative paths and variables such as Inception weights mean the same."""
     from diffbench.nn.attention import use_backend
     from diffbench.plugins import build_registry
 
+    _exit_when_orphaned(supervisor_pid)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
@@ -95,7 +111,8 @@ class Supervisor:
         """Start a worker now (its start-up then overlaps with the supervisor's own work)."""
         if self._process is None:
             parent, child = self._context.Pipe()
-            args = (child, self.plugins, self.config, str(self.out_dir.resolve()), os.getcwd(), dict(os.environ))
+            args = (child, self.plugins, self.config, str(self.out_dir.resolve()), os.getcwd(), dict(os.environ),
+                    os.getpid())
             self._process = self._context.Process(target=serve, args=args, daemon=True)
             self._process.start()
             child.close()

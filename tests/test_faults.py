@@ -62,7 +62,7 @@ def faulty_sampler(denoiser, x, timesteps, *, generator, callback=None, fault="n
     if fault == "slow":
         time.sleep(1.0)
     if fault == "alloc":
-        ballast = torch.ones(2**28 // 4 * 2)  # 512 MiB, touched
+        ballast = torch.ones(2**28 // 4)  # 256 MiB, touched
         del ballast
     out = sample_ddim(denoiser, x, timesteps, generator=generator)
     return {"none": None, "short": out[:-1], "dtype": out.long()}.get(fault, out)
@@ -144,25 +144,25 @@ SAMPLER_CASES = {  # sampler reference -> what the failed row's reason must say
     "faulty-sampler[fault=short]": "returned shape [7, 2], expected [8, 2] (8 samples)",
     "faulty-sampler[fault=dtype]": "returned dtype torch.int64, expected torch.float32",
     "faulty-sampler[fault=exit]": "called sys.exit(0)",
-    "faulty-sampler[fault=hang]": "took longer than --cell-timeout 8 s",
+    "faulty-sampler[fault=hang]": "took longer than --cell-timeout 20 s",
     "faulty-sampler[fault=crash]": "exited with status 3",
     "faulty-sampler[fault=segv]": "was killed by SIGSEGV",
 }
 
 
 def test_sampler_faults_and_worker_crashes_fail_only_their_cell(plugin, clean, tmp_path):
-    samplers = ["faulty-sampler[fault=crash]", "ddim", *SAMPLER_CASES, "faulty-sampler[fault=alloc]"]
+    samplers = ["faulty-sampler[fault=crash]", "ddim", "faulty-sampler[fault=alloc]", *SAMPLER_CASES]
     result, df = _run(tmp_path / "out", plugin, "--models", "gmm-oracle", "--samplers", ",".join(dict.fromkeys(samplers)),
-                      "--cell-timeout", "8")
+                      "--cell-timeout", "20")
     assert result.exit_code == 1, result.output
     for sampler, fragment in SAMPLER_CASES.items():
         row = df.loc[("gmm-oracle", sampler)]
         assert row["status"] == "failed" and fragment in row["reason"], (sampler, row["reason"])
         assert "host error" not in row["reason"]
     assert "returned NoneType" in df.loc[("gmm-oracle", "faulty-sampler[fault=none]"), "reason"]
-    # A 512 MiB allocation inside the cell shows in its peak memory (the worker's VmHWM, reset per cell).
+    # A 256 MiB allocation inside the cell shows in its peak memory (the worker's VmHWM, reset per cell).
     alloc = df.loc[("gmm-oracle", "faulty-sampler[fault=alloc]")]
-    assert alloc["status"] == "ok" and alloc["peak_mem_mb"] > 400, alloc["peak_mem_mb"]
+    assert alloc["status"] == "ok" and alloc["peak_mem_mb"] >= 250, alloc["peak_mem_mb"]
     assert df.loc[CLEAN_CELL, "peak_mem_mb"] < 200
     _assert_clean_cell_intact(df, clean)  # the cell after a crashed worker ran in a fresh one
 
