@@ -22,7 +22,7 @@ from diffbench.metrics import MetricContext
 from diffbench.nn.attention import effective_backend, use_backend
 from diffbench.registry import Component, ConfigError, Incompatible, Registry
 from diffbench.results import ResultsWriter, load_rows, plot_metrics_vs_nfe, plot_point_samples
-from diffbench.rng import SampleGenerators
+from diffbench.generate import class_labels, generate
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
 
 log = logging.getLogger("diffbench")
@@ -205,13 +205,9 @@ class GridRunner:
             timesteps = torch.linspace(1.0, 0.0, cell.steps + 1, dtype=torch.float64)
 
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-            generators = SampleGenerators(self.config.seed, indices, self.device)
-            x_T = self._initial(denoiser, dataset, generators, timesteps[0])
-            labels = self._labels(denoiser, indices)
-            bound = denoiser.conditioned(labels) if labels is not None else denoiser
-            with torch.no_grad():
-                out = _call(sampler, sampler.fn, bound, x_T.clone(), timesteps, generator=generators, **options)
-            return x_T, out
+            out = _call(sampler, generate, denoiser, sampler.fn, timesteps, indices, dataset.shape,
+                        seed=self.config.seed, device=self.device, **options)
+            return out.x_T, out.samples
 
         n, bs = self.config.num_samples, self._batch_size()
         sample(range(min(WARMUP_SAMPLES, bs)))  # warm-up: allocator, lazy init, kernel autotuning
@@ -228,21 +224,9 @@ class GridRunner:
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
-        generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
+        generated = Generated(samples, x_T, class_labels(denoiser, range(n), self.device), nfe, wall, wall_std,
                               summarize(model_times)[0], memory.peak_mb)
         return generated, dataset, base
-
-    def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
-        """x_T: N(0, prior_std(t_start)²) for Gaussian models, all-mask tokens for masked models."""
-        if denoiser.family == "gaussian":
-            return generators.randn(dataset.shape) * denoiser.process.prior_std(t_start)
-        return torch.full((len(generators), *dataset.shape), denoiser.mask_id, dtype=torch.long, device=self.device)
-
-    def _labels(self, denoiser, indices: range) -> torch.Tensor | None:
-        """Class labels for a conditional model: sample i gets class i mod K (balanced)."""
-        if not denoiser.num_classes:
-            return None
-        return torch.tensor(list(indices), device=self.device) % denoiser.num_classes
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""

@@ -12,7 +12,7 @@ import math
 import torch
 
 import diffbench
-from diffbench.denoiser import Denoiser, _per_sample
+from diffbench.denoiser import Denoiser, append_dims
 from diffbench.registry import Guidance, Incompatible
 
 
@@ -88,7 +88,7 @@ class ClassifierGuidedDenoiser(_GuidedDenoiser):
         x0 = self._base_x0(x, t, cond)
         if cond is None or self.scale == 0:
             return x0
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
         return x0 + self.scale * s**2 / a * self.log_prob_grad(x, t, cond)
 
 

@@ -9,9 +9,9 @@ from diffbench.process import SPACINGS, make_process
 from diffbench.registry import ConfigError
 from diffbench.rng import SampleGenerators
 from diffbench_plugins.point_metrics import sliced_wasserstein
-from diffbench_plugins.toy_data import _gmm_2d
+from diffbench_plugins.toy_data import gmm_2d
 
-MIXTURE = _gmm_2d()
+MIXTURE = gmm_2d()
 REGISTRY = build_registry()
 OURS = [s for s in REGISTRY.all("samplers") if s.fn.__module__ == "diffbench_plugins.samplers"]
 
@@ -151,6 +151,6 @@ def test_samplers_that_divide_by_alpha_refuse_a_grid_starting_at_zero_signal(nam
     from diffbench.registry import Incompatible
 
     process = FlowProcess()
-    d = oracle_denoiser(_gmm_2d(), process)
+    d = oracle_denoiser(gmm_2d(), process)
     with pytest.raises(Incompatible, match="α = 0"):
         REGISTRY.get("samplers", name).fn(d, torch.randn(4, 2), process.timesteps(4, "uniform"), generator=None)
