@@ -8,7 +8,7 @@ When neither flags nor config name datasets, each model runs on its own default 
 from __future__ import annotations
 
 import itertools
-import re
+from urllib.parse import quote
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,11 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """A file-system-safe id, e.g. ``mlp__ddim-eta-1.0__none__moons__10``."""
+        """A file-system-safe id that keeps every character that tells cells apart, e.g.
+        ``mlp__ddim[eta=1.0]__none__moons__10`` and ``unet__dpm-solver++__cfg[scale=3.0]__digits__10``;
+        anything else (``/``, spaces, ``%``) is percent-encoded, so two cells never share a file."""
         parts = [self.model.label, self.sampler.label, self.guidance.label, self.dataset.label, str(self.steps)]
-        return "__".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)
+        return "__".join(quote(p, safe="+=,[]-.") for p in parts)
 
 
 @dataclass

@@ -49,3 +49,23 @@ def test_callbacks_share_one_dict_format_across_families():
         assert all(set(s) >= {"i", "x", "t", "t_next", "denoised"} for s in steps)
         assert [float(s["t"]) for s in steps] == timesteps[:-1].tolist()
         assert [float(s["t_next"]) for s in steps] == timesteps[1:].tolist()
+
+
+def test_save_samples_file_names_keep_every_distinguishing_character(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from diffbench.cli import main
+
+    samplers = "dpm-solver,dpm-solver++,ddim,ddim[eta=1.0]"
+    result = CliRunner().invoke(main, ["run", "--models", "gmm-oracle", "--samplers", samplers, "--steps", "4",
+                                       "--datasets", "gmm-2d", "--metrics", "swd", "--num-samples", "16",
+                                       "--repeats", "1", "--save-samples", "--quiet", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "samples").glob("*.safetensors"))
+    assert files == ["gmm-oracle__ddim[eta=1.0]__none__gmm-2d__4.safetensors", "gmm-oracle__ddim__none__gmm-2d__4.safetensors",
+                     "gmm-oracle__dpm-solver++__none__gmm-2d__4.safetensors",
+                     "gmm-oracle__dpm-solver__none__gmm-2d__4.safetensors"]
+    plain, pp = (load_file(str(tmp_path / "samples" / f"gmm-oracle__{s}__none__gmm-2d__4.safetensors"))
+                 for s in ("dpm-solver", "dpm-solver++"))
+    assert torch.equal(plain["x_T"], pp["x_T"]) and not torch.equal(plain["x_0"], pp["x_0"])  # two cells, two files
