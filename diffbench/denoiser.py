@@ -25,6 +25,8 @@ import torch
 
 from diffbench.process import GaussianProcess
 
+__all__ = ["PARAMETERIZATIONS", "Denoiser", "MaskedDenoiser", "append_dims"]
+
 PARAMETERIZATIONS = ("eps", "x0", "v", "velocity", "score", "consistency")
 
 

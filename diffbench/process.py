@@ -17,6 +17,9 @@ import torch
 
 from diffbench.registry import ConfigError
 
+__all__ = ["SPACINGS", "PROCESSES", "GaussianProcess", "VPDiscrete", "VPContinuous", "EDMProcess", "FlowProcess",
+           "karras_sigmas", "make_process"]
+
 SPACINGS = ("uniform", "leading", "trailing", "quadratic", "uniform-logsnr", "karras")
 F64 = torch.float64
 

@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 from diffbench.checkpoints import checkpoint_files, checkpoint_stem, load_checkpoint, save_checkpoint
 from diffbench.denoiser import append_dims
 
+__all__ = ["TrainConfig", "train", "denoising_loss", "regression_target", "drop_labels", "sample_train_times",
+           "ema_update", "half_precision_weights"]
+
 
 @dataclass
 class TrainConfig:
