@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diffbench.generate import generate
 from diffbench.metrics import MetricContext
-from diffbench.rng import SampleGenerators
 from diffbench_plugins import masked_samplers, mdlm, text_data, text_metrics
 
 SAMPLERS = {
@@ -48,10 +48,9 @@ def main(num_samples: int, seed: int) -> pd.DataFrame:
     for name, (fn, options) in SAMPLERS.items():
         for steps in STEPS:
             D.stats.reset()
-            x = torch.full((num_samples, *ds.shape), D.mask_id)
             tic = time.perf_counter()
-            samples = fn(D, x, torch.linspace(1, 0, steps + 1, dtype=torch.float64),
-                         generator=SampleGenerators(seed, range(num_samples)), **options)
+            samples = generate(D, fn, torch.linspace(1, 0, steps + 1, dtype=torch.float64), range(num_samples),
+                               ds.shape, seed=seed, **options).samples
             rows.append({"sampler": name, "steps": steps, "nfe": D.nfe, "wall_s": time.perf_counter() - tic,
                          **text_scores(samples, ctx)})
             print(rows[-1], flush=True)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from diffbench.gmm import oracle_denoiser
 from diffbench.denoiser import Denoiser
+from diffbench.gmm import oracle_denoiser
+from diffbench.generate import generate
 from diffbench.plugins import build_registry
 from diffbench.process import SPACINGS, make_process
 from diffbench.registry import ConfigError
@@ -31,12 +32,11 @@ def sample(name, steps, n=8, process="vp-linear", spacing=None, seed=0, **option
     calls = []
     oracle = oracle_denoiser(MIXTURE, proc)
     denoiser = Denoiser(lambda x, t, c: calls.append(1) or oracle.net(x, t, c), proc, "x0")
-    generator = SampleGenerators(seed, range(n))
     options = {**component.options, **options}
     timesteps = proc.timesteps(steps, spacing or options.pop("spacing"))
     options.pop("spacing", None)
-    x = proc.prior_std() * generator.randn((2,))
-    return component.fn(denoiser, x, timesteps, generator=generator, **options), denoiser, len(calls)
+    out = generate(denoiser, component.fn, timesteps, range(n), (2,), seed=seed, **options)
+    return out.samples, denoiser, len(calls)
 
 
 # NFE formulas (see the plugins/samplers.py docstring), for steps = 6 and the default options.
