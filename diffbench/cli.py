@@ -226,7 +226,8 @@ def list_(kind, plugins):
 @click.option("--model", required=True, help="Model to train, e.g. mlp, unet, dit.")
 @click.option("--dataset", required=True, help="Dataset to train on.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint path without suffix (default: the model's own checkpoint location).")
+              help="Checkpoint path without suffix, e.g. to ship a file (default: the user cache, "
+                   "$DIFFBENCH_CACHE/checkpoints or ~/.cache/diffbench/checkpoints, under the train command's name).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Model or training option, e.g. --set steps=3000 --set parameterization=v (repeatable).")

@@ -13,6 +13,8 @@ import torch
 
 from diffbench.gmm import GaussianMixture
 
+__all__ = ["DataSource"]
+
 TRAIN_SEED, REFERENCE_SEED = 0, 12345
 
 

@@ -25,6 +25,8 @@ import torch
 
 from diffbench.process import GaussianProcess
 
+__all__ = ["PARAMETERIZATIONS", "Denoiser", "MaskedDenoiser", "append_dims"]
+
 PARAMETERIZATIONS = ("eps", "x0", "v", "velocity", "score", "consistency")
 
 
@@ -93,7 +95,7 @@ class CallStats:
         return self.model_seconds
 
 
-def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
+def append_dims(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
     """A [B] float64 coefficient as a tensor broadcastable against x, in x's dtype; a 0-d one as
     a Python float (host schedule scalars must not be copied to the device: that synchronises)."""
     if coef.ndim == 0 and coef.device.type == "cpu":
@@ -158,31 +160,31 @@ class Denoiser:
         p = self.parameterization
         if p in ("x0", "consistency"):
             return out
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
         if p == "eps":
             return (x - s * out) / a
         if p == "v":
             return (a * x - s * out) / (a**2 + s**2)
         if p == "score":
             return (x + s**2 * out) / a
-        da, ds = (_per_sample(c, x) for c in self.process.alpha_sigma_derivatives(t))
+        da, ds = (append_dims(c, x) for c in self.process.alpha_sigma_derivatives(t))
         return (ds * x - s * out) / (a * ds - s * da)  # velocity
 
     # Derived predictions: each is one counted model call.
     def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """ε̂ = (x − α x̂0) / σ."""
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
         return (x - a * self(x, t, cond)) / s
 
     def score(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """∇ log p_t(x) = −ε̂ / σ = (α x̂0 − x) / σ²."""
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
         return (a * self(x, t, cond) - x) / s**2
 
     def velocity(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """dx/dt of the probability-flow path: u = α' x̂0 + σ' ε̂."""
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
-        da, ds = (_per_sample(c, x) for c in self.process.alpha_sigma_derivatives(t))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        da, ds = (append_dims(c, x) for c in self.process.alpha_sigma_derivatives(t))
         x0 = self(x, t, cond)
         return da * x0 + ds * (x - a * x0) / s
 

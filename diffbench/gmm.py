@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["GaussianMixture", "oracle_denoiser"]
+
 
 @dataclass(frozen=True)
 class GaussianMixture:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from urllib.parse import quote
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ class Cell:
 
 
 def cell_slug(key) -> str:
-    """A file-system-safe id of a cell key (model, sampler, guidance, dataset, steps), e.g.
-    ``mlp__ddim-eta-1.0__none__moons__10``: names the cell's files under samples/."""
-    return "__".join(re.sub(r"[^A-Za-z0-9.]+", "-", str(p)).strip("-") for p in key)
+    """A file-system-safe id of a cell key (model, sampler, guidance, dataset, steps) that keeps every
+    character that tells cells apart, e.g. ``mlp__ddim[eta=1.0]__none__moons__10`` and
+    ``unet__dpm-solver++__cfg[scale=3.0]__digits__10``; anything else (``/``, spaces, ``%``) is
+    percent-encoded, so two cells never share a file under samples/."""
+    return "__".join(quote(str(p), safe="+=,[]-.") for p in key)
 
 
 @dataclass

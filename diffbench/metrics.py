@@ -9,6 +9,8 @@ import torch
 
 from diffbench.data import DataSource
 
+__all__ = ["MetricContext"]
+
 
 @dataclass
 class MetricContext:

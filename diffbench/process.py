@@ -17,6 +17,9 @@ import torch
 
 from diffbench.registry import ConfigError
 
+__all__ = ["SPACINGS", "DIFFUSERS_SPACINGS", "PROCESSES", "GaussianProcess", "VPDiscrete", "VPContinuous",
+           "EDMProcess", "FlowProcess", "karras_sigmas", "make_process"]
+
 # diffusers' integer grids over N training steps (its set_timesteps), by name; see docs/samplers.md.
 DIFFUSERS_SPACINGS = ("leading-offset", "linspace-rounded", "leading-multistep", "leading-multistep-offset",
                       "linspace-multistep")
@@ -26,6 +29,13 @@ F64 = torch.float64
 
 def _as_f64(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=F64)
+
+
+def karras_sigmas(n: int, sigma_start: float, sigma_end: float, rho: float = 7.0) -> torch.Tensor:
+    """``n`` noise levels from ``sigma_start`` to ``sigma_end`` (either direction), evenly spaced in
+    σ^(1/ρ) (Karras et al. 2022, eq. 5; the N discretization points of consistency models), float64."""
+    ramp = torch.linspace(0.0, 1.0, n, dtype=F64)
+    return (sigma_start ** (1 / rho) + ramp * (sigma_end ** (1 / rho) - sigma_start ** (1 / rho))) ** rho
 
 
 class GaussianProcess:
@@ -114,10 +124,7 @@ class GaussianProcess:
         if spacing == "uniform-logsnr":
             return self.t_from_lambda(torch.linspace(lam_lo, lam_hi, steps, dtype=F64))
         # karras: s = σ/α from s_max to s_min, evenly in s^(1/ρ); λ = −log s.
-        s_max, s_min = math.exp(-lam_lo), math.exp(-lam_hi)
-        ramp = torch.linspace(0.0, 1.0, steps, dtype=F64)
-        s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        return self.t_from_lambda(-torch.log(s))
+        return self.t_from_lambda(-torch.log(karras_sigmas(steps, math.exp(-lam_lo), math.exp(-lam_hi), rho)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

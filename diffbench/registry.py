@@ -30,6 +30,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+__all__ = ["KINDS", "FAMILIES", "Component", "Model", "Sampler", "Guidance", "Dataset", "Metric", "Incompatible",
+           "ConfigError", "Ref", "Registry", "parse_ref", "split_list", "normalize_name"]
+
 KINDS = ("models", "samplers", "guidance", "datasets", "metrics")
 FAMILIES = {
     "models": ("gaussian", "masked"),

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+__all__ = ["SampleGenerators", "sample_seed"]
+
 
 def sample_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for sample ``index`` of run ``seed``."""

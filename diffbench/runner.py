@@ -24,9 +24,9 @@ from diffbench.grid import Cell, RunConfig
 from diffbench.io import atomic_write_bytes, atomic_write_text, read_json
 from diffbench.metrics import MetricContext
 from diffbench.nn.attention import effective_backend, use_backend
+from diffbench.generate import class_labels, generate
 from diffbench.registry import SINGULAR, Component, ConfigError, Incompatible, Registry
 from diffbench.results import AXES, ResultsWriter, load_rows, plot_metrics, plot_point_cell, plot_point_samples
-from diffbench.rng import SampleGenerators
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
 
 log = logging.getLogger("diffbench")
@@ -308,13 +308,9 @@ class GridRunner:
             denoiser.bind_timesteps(timesteps)
 
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-            generators = SampleGenerators(self.config.seed, indices, self.device)
-            x_T = self._initial(denoiser, dataset, generators, timesteps[0])
-            labels = self._labels(denoiser, indices)
-            bound = denoiser.conditioned(labels) if labels is not None else denoiser
-            with torch.no_grad():
-                out = _call(sampler, sampler.fn, bound, x_T.clone(), timesteps, generator=generators, **options)
-            return x_T, check_sample_output(sampler, out, x_T)
+            out = _call(sampler, generate, denoiser, sampler.fn, timesteps, indices, dataset.shape,
+                        seed=self.config.seed, device=self.device, **options)
+            return out.x_T, check_sample_output(sampler, out.samples, out.x_T)
 
         n, bs = self.config.num_samples, self._batch_size()
         # Warm-up: allocator, lazy init, kernel autotuning; with compile / CUDA graphs the timed
@@ -334,21 +330,9 @@ class GridRunner:
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
-        generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
+        generated = Generated(samples, x_T, class_labels(denoiser, range(n), self.device), nfe, wall, wall_std,
                               summarize(model_times)[0], warmup[0])
         return generated, dataset, base
-
-    def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
-        """x_T: N(0, prior_std(t_start)²) for Gaussian models, all-mask tokens for masked models."""
-        if denoiser.family == "gaussian":
-            return generators.randn(dataset.shape) * denoiser.process.prior_std(t_start)
-        return torch.full((len(generators), *dataset.shape), denoiser.mask_id, dtype=torch.long, device=self.device)
-
-    def _labels(self, denoiser, indices: range) -> torch.Tensor | None:
-        """Class labels for a conditional model: sample i gets class i mod K (balanced)."""
-        if not denoiser.num_classes:
-            return None
-        return torch.tensor(list(indices), device=self.device) % denoiser.num_classes
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""

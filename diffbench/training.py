@@ -16,7 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffbench.checkpoints import checkpoint_files, checkpoint_stem, load_checkpoint, save_checkpoint
+from diffbench.denoiser import append_dims
 from diffbench.registry import Model, Option
+
+__all__ = ["TrainConfig", "train", "denoising_loss", "regression_target", "drop_labels", "sample_train_times",
+           "ema_update", "half_precision_weights", "NonFiniteLoss", "TRAINER_OPTIONS", "train_option_specs"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -177,9 +181,7 @@ def sample_train_times(process, n: int, generator: torch.Generator, device) -> t
 
 def regression_target(parameterization: str, process, t, x0, eps):
     """What a network of the given parameterization is trained to output at x_t = α x0 + σ ε."""
-    from diffbench.denoiser import _per_sample
-
-    a, s = (_per_sample(c, x0) for c in (process.alpha(t), process.sigma(t)))
+    a, s = (append_dims(c, x0) for c in (process.alpha(t), process.sigma(t)))
     if parameterization == "eps":
         return eps
     if parameterization == "x0":
@@ -187,7 +189,7 @@ def regression_target(parameterization: str, process, t, x0, eps):
     if parameterization == "v":
         return a * eps - s * x0
     if parameterization == "velocity":
-        da, ds = (_per_sample(c, x0) for c in process.alpha_sigma_derivatives(t))
+        da, ds = (append_dims(c, x0) for c in process.alpha_sigma_derivatives(t))
         return da * x0 + ds * eps
     if parameterization == "score":
         return -eps / s
@@ -203,9 +205,7 @@ def denoising_loss(net, process, parameterization: str, x0, labels, generator, l
     """
     t = sample_train_times(process, len(x0), generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    from diffbench.denoiser import _per_sample
-
-    x_t = _per_sample(process.alpha(t), x0) * x0 + _per_sample(process.sigma(t), x0) * eps
+    x_t = append_dims(process.alpha(t), x0) * x0 + append_dims(process.sigma(t), x0) * eps
     labels = drop_labels(labels, label_dropout, null_class, generator)
     target = regression_target(parameterization, process, t, x0, eps)
     return torch.mean((net(x_t, t.float(), labels) - target) ** 2)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffbench.checkpoints import checkpoint_files, load_checkpoint, locate_checkpoint, training_output
-from diffbench.denoiser import _per_sample
+from diffbench.denoiser import append_dims
 from diffbench.nn.embeddings import time_input, timestep_embedding
 from diffbench.nn.layers import group_norm
 from diffbench.process import make_process
@@ -92,7 +92,7 @@ def train_classifier(dataset, *, noisy: bool = False, steps: int = 800, batch_si
             return F.cross_entropy(model(torch.roll(batch, shift, dims=(2, 3))), batch_labels)
         t = sample_train_times(proc, len(batch), generator, batch.device)
         eps = torch.randn(batch.shape, generator=generator, device=batch.device)
-        x_t = _per_sample(proc.alpha(t), batch) * batch + _per_sample(proc.sigma(t), batch) * eps
+        x_t = append_dims(proc.alpha(t), batch) * batch + append_dims(proc.sigma(t), batch) * eps
         return F.cross_entropy(model(x_t, t.float()), batch_labels)
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.99, checkpoint_every=10**9)
@@ -128,7 +128,7 @@ def main(argv=None):
     if args.noisy:  # accuracy at a moderate noise level, t = N/4
         t = torch.full((len(x),), 250.0)
         proc = net.process
-        x = _per_sample(proc.alpha(t.double()), x) * x + _per_sample(proc.sigma(t.double()), x) * torch.randn_like(x)
+        x = append_dims(proc.alpha(t.double()), x) * x + append_dims(proc.sigma(t.double()), x) * torch.randn_like(x)
     print(f"{path.name}: held-out accuracy {accuracy(net, x, y, t):.4f} ({time.time() - tic:.0f} s)")
 
 

@@ -31,7 +31,8 @@ from torch import nn
 import diffbench
 from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
-from diffbench.process import EDMProcess
+from diffbench.generate import report_step
+from diffbench.process import EDMProcess, karras_sigmas
 from diffbench.registry import ConfigError, Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.flow import fit
@@ -123,14 +124,13 @@ def train_edm_mlp(dataset, out=None, *, device="cpu", steps=3000, batch_size=512
 # --- consistency distillation and consistency training --------------------------------------
 
 
-def karras_sigmas(n: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0) -> torch.Tensor:
+def discretization_sigmas(n: int) -> torch.Tensor:
     """The N increasing discretization points of CM §4 / EDM eq. 5:
-    σ_i = (σ_min^{1/ρ} + (i−1)/(N−1) (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, i = 1..N (float64)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    σ_i = (σ_min^{1/ρ} + (i−1)/(N−1) (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, i = 1..N, ρ = 7 (float64)."""
+    return karras_sigmas(n, SIGMA_MIN, SIGMA_MAX)
 
 
-def heun_step(teacher, x, sigma, sigma_next):
+def teacher_heun_step(teacher, x, sigma, sigma_next):
     """One Heun step of the teacher's probability-flow ODE dx/dσ = (x − D(x; σ))/σ from σ to
     σ_next (EDM Alg. 1 lines 5–8; the solver Φ of CM Alg. 2). σ, σ_next: [B, 1...]."""
     d = (x - teacher(x, sigma.flatten())) / sigma
@@ -150,7 +150,7 @@ class ConsistencyDistillation:
     loss ‖f_θ(x_{n+1}, σ_{n+1}) − f_{θ⁻}(x̂_n, σ_n)‖² with θ⁻ ← μ θ⁻ + (1 − μ) θ."""
 
     def __init__(self, teacher: nn.Module, num_scales: int, target_ema: float):
-        self.teacher, self.sigmas, self.mu = teacher, karras_sigmas(num_scales).float(), target_ema
+        self.teacher, self.sigmas, self.mu = teacher, discretization_sigmas(num_scales).float(), target_ema
         self.target = None
 
     def __call__(self, net, x0, labels, generator):
@@ -167,7 +167,7 @@ class ConsistencyDistillation:
         s_n, s_next = sigmas[n].reshape(shape), sigmas[n + 1].reshape(shape)
         x_next = x0 + s_next * torch.randn(x0.shape, generator=generator, device=x0.device)
         with torch.no_grad():
-            target = self.target(heun_step(self.teacher, x_next, s_next, s_n), s_n.flatten())
+            target = self.target(teacher_heun_step(self.teacher, x_next, s_next, s_n), s_n.flatten())
         return torch.mean(((net(x_next, s_next.flatten()) - target) ** 2).flatten(1).sum(1))
 
 
@@ -190,7 +190,7 @@ class ConsistencyTraining:
         self.step = 0
 
     def __call__(self, net, x0, labels, generator):
-        sigmas = karras_sigmas(ict_num_scales(self.step, self.total, self.s0, self.s1)).float().to(x0.device)
+        sigmas = discretization_sigmas(ict_num_scales(self.step, self.total, self.s0, self.s1)).float().to(x0.device)
         self.step += 1
         cdf = torch.erf((sigmas.log() - self.p_mean) / (math.sqrt(2) * self.p_std))
         i = torch.multinomial(cdf[1:] - cdf[:-1], len(x0), replacement=True, generator=generator)
@@ -297,8 +297,7 @@ def consistency_times(process, steps: int, times="", t_renoise: float = 0.821, r
     identity there: a wasted call)."""
     if times == "" or times is None:
         s_hi, s_lo = (float(process.sigma(t) / process.alpha(t)) for t in (t_renoise, process.t_min))
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)[:-1]
-        s = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+        s = karras_sigmas(steps, s_hi, s_lo, rho)[:-1]
         return [process.t_max] + process.t_from_lambda(-torch.log(s)).tolist()
     given = [float(v) for v in str(times).split("/")]
     if len(given) != steps - 1 or any(a <= b for a, b in zip([process.t_max] + given, given)):
@@ -321,8 +320,7 @@ def sample_multistep_consistency(denoiser, x, timesteps, *, generator, callback=
         a, s = float(process.alpha(tau)), float(process.sigma(tau))
         x = a * x0 + math.sqrt(max(s**2 - a**2 * eps**2, 0.0)) * generator.randn_like(x0)
         x0 = denoiser(x, tau)
-        if callback is not None:
-            callback({"i": i, "x": x, "t": tau, "denoised": x0})
+        report_step(callback, i - 1, x, taus[i - 1], tau, x0)
     return x0
 
 

@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 import diffbench
 from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
 from diffbench.denoiser import Denoiser
+from diffbench.generate import report_step
 from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
@@ -154,57 +155,52 @@ FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet"})
 # --- ODE samplers ---------------------------------------------------------------------------
 
 
-def _report(callback, i, x, t):
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "denoised": None})
-
-
 def _solve(denoiser, x, timesteps, step, callback):
-    """Apply ``step(denoiser, x, t, t_next)`` along the grid. The step into clean data (σ = 0) is
-    x = x̂0 = D(x, t): exactly Euler's step for flow and EDM (x − t·u, resp. x − σ(x − D)/σ), and
+    """Apply ``step(denoiser, x, t_cur, t_next)`` along the grid. The step into clean data (σ = 0) is
+    x = x̂0 = D(x, t_cur): exactly Euler's step for flow and EDM (x − t·u, resp. x − σ(x − D)/σ), and
     the DDIM limit where the velocity is singular at clean data (VP: σ' → ∞; VP-discrete's jump to
     t = −1). It also never asks for the velocity at σ = 0, which is 0/0 for a general process."""
     process, ts = denoiser.process, timesteps.tolist()
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        x = denoiser(x, t) if float(process.sigma(t_next)) == 0 else step(denoiser, x, t, t_next)
-        _report(callback, i, x, t_next)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        x = denoiser(x, t_cur) if float(process.sigma(t_next)) == 0 else step(denoiser, x, t_cur, t_next)
+        report_step(callback, i, x, t_cur, t_next)
     return x
 
 
-def euler_step(denoiser, x, t, t_next):
-    """x + h·u(x, t), h = t_next − t (the rectified-flow sampler of Liu et al. 2023, §2.1)."""
-    return x + (t_next - t) * denoiser.velocity(x, t)
+def velocity_euler_step(denoiser, x, t_cur, t_next):
+    """x + h·u(x, t_cur), h = t_next − t_cur (the rectified-flow sampler of Liu et al. 2023, §2.1)."""
+    return x + (t_next - t_cur) * denoiser.velocity(x, t_cur)
 
 
-def heun_step(denoiser, x, t, t_next):
+def velocity_heun_step(denoiser, x, t_cur, t_next):
     """Explicit trapezoid: Euler predictor, then the mean of the slopes at both ends (EDM Alg. 1)."""
-    h = t_next - t
-    d = denoiser.velocity(x, t)
+    h = t_next - t_cur
+    d = denoiser.velocity(x, t_cur)
     return x + 0.5 * h * (d + denoiser.velocity(x + h * d, t_next))
 
 
-def midpoint_step(denoiser, x, t, t_next):
-    """Explicit midpoint (RK2): x + h·u(x + (h/2)·u(x, t), t + h/2)."""
-    h = t_next - t
-    return x + h * denoiser.velocity(x + 0.5 * h * denoiser.velocity(x, t), t + 0.5 * h)
+def velocity_midpoint_step(denoiser, x, t_cur, t_next):
+    """Explicit midpoint (RK2): x + h·u(x + (h/2)·u(x, t_cur), t_cur + h/2)."""
+    h = t_next - t_cur
+    return x + h * denoiser.velocity(x + 0.5 * h * denoiser.velocity(x, t_cur), t_cur + 0.5 * h)
 
 
 @torch.no_grad()
 def sample_flow_euler(denoiser, x, timesteps, *, generator=None, callback=None):
     """Euler's method on dx/dt = u(x, t), first order."""
-    return _solve(denoiser, x, timesteps, euler_step, callback)
+    return _solve(denoiser, x, timesteps, velocity_euler_step, callback)
 
 
 @torch.no_grad()
 def sample_flow_heun(denoiser, x, timesteps, *, generator=None, callback=None):
     """Heun's method on dx/dt = u(x, t), second order; 2 calls per step, 1 on the step to data."""
-    return _solve(denoiser, x, timesteps, heun_step, callback)
+    return _solve(denoiser, x, timesteps, velocity_heun_step, callback)
 
 
 @torch.no_grad()
 def sample_flow_midpoint(denoiser, x, timesteps, *, generator=None, callback=None):
     """The midpoint method on dx/dt = u(x, t), second order; 2 calls per step, 1 on the step to data."""
-    return _solve(denoiser, x, timesteps, midpoint_step, callback)
+    return _solve(denoiser, x, timesteps, velocity_midpoint_step, callback)
 
 
 # Dormand & Prince (1980), RK5(4)7FM: nodes c, stage weights A, 5th-order weights B5 (FSAL: the
@@ -265,8 +261,8 @@ def sample_flow_dopri5(denoiser, x, timesteps, *, generator=None, callback=None,
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err_norm = float((err / scale).flatten(1).pow(2).mean(1).sqrt().max())
         if err_norm <= 1.0:
+            report_step(callback, i, x_new, t, t + h)
             t, x, k1, i = t + h, x_new, k7, i + 1
-            _report(callback, i, x, t)
         h *= min(10.0, max(0.2, 0.9 * err_norm ** -0.2 if err_norm > 0 else 10.0))
     return denoiser(x, t_stop)
 

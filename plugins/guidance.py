@@ -16,7 +16,7 @@ import math
 import torch
 
 import diffbench
-from diffbench.denoiser import Denoiser, _per_sample
+from diffbench.denoiser import Denoiser, append_dims
 from diffbench.registry import Guidance, Incompatible, Option
 
 INTERVAL = {"sigma_min": Option(0.0, min=0.0), "sigma_max": Option(math.inf, min=0.0)}
@@ -99,7 +99,7 @@ class ClassifierGuidedDenoiser(_GuidedDenoiser):
         x0 = self._base_x0(x, t, cond)
         if cond is None or self.scale == 0 or not self._in_interval(t, self.sigma_min, self.sigma_max):
             return x0
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
         return x0 + self.scale * s**2 / a * self.log_prob_grad(x, t, cond)
 
 
@@ -183,8 +183,8 @@ class CFGZeroStarDenoiser(_TwoPredictionGuidance):
         self.zero_init_steps, self.optimized_scale = int(zero_init_steps), bool(optimized_scale)
 
     def combine(self, x, t, x0_cond, x0_uncond, step):
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
-        da, ds = (_per_sample(c, x) for c in self.process.alpha_sigma_derivatives(t))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t), self.process.sigma(t)))
+        da, ds = (append_dims(c, x) for c in self.process.alpha_sigma_derivatives(t))
         velocity = lambda x0: da * x0 + ds * (x - a * x0) / s  # noqa: E731
         u_cond, u_uncond = velocity(x0_cond), velocity(x0_uncond)
         s_star = _dot(u_cond, u_uncond) / _dot(u_uncond, u_uncond).clamp(min=1e-12) if self.optimized_scale else 1.0

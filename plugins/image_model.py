@@ -12,7 +12,7 @@ from typing import Callable
 from torch import nn
 
 from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkpoint, model_checkpoint, training_output
-from diffbench.denoiser import Denoiser, _per_sample
+from diffbench.denoiser import Denoiser, append_dims
 from diffbench.nn.layers import random_weights
 from diffbench.process import make_process
 from diffbench.registry import Incompatible, Model
@@ -32,12 +32,12 @@ class ClipDenoised(nn.Module):
 
     def forward(self, x, t, cond=None):
         out = self.model(x, t, cond)
-        a, s = (_per_sample(c, x) for c in (self.process.alpha(t.double()), self.process.sigma(t.double())))
+        a, s = (append_dims(c, x) for c in (self.process.alpha(t.double()), self.process.sigma(t.double())))
         if self.parameterization == "eps":
             x0 = ((x - s * out) / a).clamp(-1, 1)
             return (x - a * x0) / s
         if self.parameterization == "velocity":  # u = α' x0 + σ' ε, x = α x0 + σ ε (any process)
-            da, ds = (_per_sample(c, x) for c in self.process.alpha_sigma_derivatives(t.double()))
+            da, ds = (append_dims(c, x) for c in self.process.alpha_sigma_derivatives(t.double()))
             x0 = ((s * out - ds * x) / (da * s - ds * a)).clamp(-1, 1)
             return da * x0 + ds * (x - a * x0) / s
         x0 = (a * x - s * out).clamp(-1, 1)  # v = α ε − σ x0 (with α² + σ² = 1)

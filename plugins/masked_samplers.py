@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 import diffbench
+from diffbench.generate import report_step
 from diffbench.registry import Option, Sampler
 
 
@@ -57,8 +58,7 @@ def sample_mdlm_ancestral(D, x, timesteps, *, generator, callback=None, temperat
         x0 = sample_categorical(logits, temperature, generator)  # [B, L]
         reveal = masked & (generator.rand_like(x.double()) < (a_s - a_t) / (1 - a_t))
         x = torch.where(reveal, x0, x)
-        if callback is not None:
-            callback({"x": x, "i": i, "t": t, "logits": logits})
+        report_step(callback, i, x, t, s, logits=logits)
     return x
 
 
@@ -107,8 +107,7 @@ def sample_llada(D, x, timesteps, *, generator, callback=None, remasking="low-co
             k = candidates.sum(1) - keep_masked.long()  # [B] tokens to reveal this round
             rank = confidence.argsort(1, descending=True).argsort(1)  # [B, L]: 0 = most confident
             x = torch.where(candidates & (rank < k[:, None]), x0, x)
-            if callback is not None:
-                callback({"x": x, "i": i, "t": t, "logits": logits})
+            report_step(callback, i, x, t, s, logits=logits)
             i += 1
     return x
 

@@ -63,7 +63,7 @@ def compute_logp(samples, ctx: MetricContext):
     logp = ctx.dataset.log_prob(samples.cpu().double())
     finite = torch.isfinite(logp)
     return {"logp": float(logp[finite].mean()) if finite.any() else float("-inf"),
-            "off_support": float(1 - finite.double().mean())}
+            "off-support": float(1 - finite.double().mean())}
 
 
 @diffbench.hookimpl
@@ -73,5 +73,5 @@ def register_metrics(register):
     register(Metric(name="mmd", family="points", compute=compute_mmd,
                     description="unbiased MMD² with a multi-bandwidth RBF kernel (lower is better)"))
     register(Metric(name="logp", family="points", compute=compute_logp,
-                    higher_is_better={"logp": True, "off_support": False},
-                    description="mean log-density of samples under the true density (higher is better); off_support: fraction with zero density"))
+                    higher_is_better={"logp": True, "off-support": False},
+                    description="mean log-density of samples under the true density (higher is better); off-support: fraction with zero density"))

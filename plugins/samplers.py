@@ -3,7 +3,8 @@
 Every sampler speaks only to the denoiser contract: ``denoiser(x, t) -> x̂0`` and
 ``denoiser.process`` (α(t), σ(t), λ(t) = log(α/σ) and its inverse). ``timesteps`` is a
 decreasing float64 grid of ``steps + 1`` process times whose last entry is clean data (σ = 0);
-``generator`` gives per-sample noise (``generator.randn_like``). Schedule coefficients are
+``generator`` gives per-sample noise (``generator.randn_like``); ``callback`` gets one dict per
+step (:func:`diffbench.generate.report_step`). Schedule coefficients are
 float64 host scalars computed from that grid, so no loop ever syncs with the device.
 
 Notation: x_t = α_t x0 + σ_t ε. Every sampler steps from ``t_cur`` to ``t_next`` < ``t_cur``
@@ -28,12 +29,8 @@ from typing import NamedTuple
 import torch
 
 import diffbench
+from diffbench.generate import report_step
 from diffbench.registry import Incompatible, Option, Sampler
-
-
-def _report(callback, i, x, t, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "denoised": denoised})
 
 
 class Transition(NamedTuple):
@@ -77,7 +74,7 @@ def sample_ddpm(denoiser, x, timesteps, *, generator, callback=None, variance="s
     for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x0 = denoiser(x, t_cur)
         x = _posterior_step(denoiser.process, x, x0, t_cur, t_next, variance, generator)
-        _report(callback, i, x, t_cur, x0)
+        report_step(callback, i, x, t_cur, t_next, x0)
     return x
 
 
@@ -94,7 +91,7 @@ def sample_ddim(denoiser, x, timesteps, *, generator, callback=None, eta=0.0):
         x = float(tr.alpha_next) * x0 + float((tr.sigma_next**2 - c**2).clamp(min=0).sqrt()) * eps
         if c > 0:
             x = x + float(c) * generator.randn_like(x)
-        _report(callback, i, x, t_cur, x0)
+        report_step(callback, i, x, t_cur, t_next, x0)
     return x
 
 
@@ -245,7 +242,7 @@ def _dpm_solve(ei, x, timesteps, order, multistep, lower_order_final, callback, 
             x = _multistep_update(ei, x, t_cur, t_next, history[:k], d2_weight)
         else:
             x = _singlestep_update(ei, x, t_cur, t_next, m, order)
-        _report(callback, i, x, t_cur, x0)
+        report_step(callback, i, x, t_cur, t_next, x0)
     return x
 
 
@@ -311,7 +308,7 @@ def _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_
             d_next = (x_next - denoiser(x_next * alphas[i + 1], t_next)) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
         x = x_next
-        _report(callback, i, x * alphas[i + 1], t_cur, denoised)
+        report_step(callback, i, x * alphas[i + 1], t_cur, t_next, denoised)
     return x * alphas[-1]
 
 
@@ -351,7 +348,7 @@ def sample_langevin(denoiser, x, timesteps, *, generator, callback=None, n_steps
     for i, t in enumerate(timesteps[:-1]):
         for _ in range(n_steps_each):
             x = _langevin_step(denoiser, x, t, snr, generator)
-        _report(callback, i, x, t, None)
+        report_step(callback, i, x, t, timesteps[i + 1])
     return denoiser(x, timesteps[-2])
 
 
@@ -384,7 +381,7 @@ def sample_pc(denoiser, x, timesteps, *, generator, callback=None, predictor="re
                 x = _reverse_diffusion_step(process, x, x0, t_cur, t_next, generator)
             for _ in range(n_steps_each):
                 x = _langevin_step(denoiser, x, t_next, snr, generator)
-        _report(callback, i, x, t_cur, x0)
+        report_step(callback, i, x, t_cur, t_next, x0)
     return x
 
 
@@ -393,7 +390,7 @@ def sample_one_step(denoiser, x, timesteps, *, generator=None, callback=None):
     """One model call from pure noise: x̂0 = D(x_T, t_max) (the one-step baseline; consistency
     models, Song et al. 2023, Alg. 1 with a single step). Only timesteps[0] is used."""
     x0 = denoiser(x, timesteps[0])
-    _report(callback, 0, x0, timesteps[0], x0)
+    report_step(callback, 0, x0, timesteps[0], timesteps[-1], x0)
     return x0
 
 

@@ -33,8 +33,8 @@ def compute_gen_nll(samples, ctx: MetricContext):
     x = _tokens(samples, ctx)
     if (x >= ctx.dataset.info["vocab_size"]).any() or (x < 0).any():
         raise ValueError("samples contain ids outside the vocabulary (unrevealed mask tokens?)")
-    return {"gen_nll": float(ctx.dataset.info["nll"](x).mean()),
-            "off_chain": float(ctx.dataset.info["chain"].off_support(x).mean())}
+    return {"gen-nll": float(ctx.dataset.info["nll"](x).mean()),
+            "off-chain": float(ctx.dataset.info["chain"].off_support(x).mean())}
 
 
 def unigram_entropy(x: torch.Tensor) -> float:
@@ -78,14 +78,14 @@ def compute_elbo_ppl(samples, ctx: MetricContext, sequences: int = 256, draws: i
         raise Incompatible("elbo-ppl needs a masked diffusion model")
     reference = _tokens(ctx.reference[:sequences], ctx)
     nats = elbo_per_token(ctx.denoiser, reference, draws, ctx.seed, ctx.device)
-    return {"elbo_nll": nats, "elbo_ppl": math.exp(nats)}
+    return {"elbo-nll": nats, "elbo-ppl": math.exp(nats)}
 
 
 @diffbench.hookimpl
 def register_metrics(register):
     register(Metric(name="gen-nll", family="text", compute=compute_gen_nll,
-                    higher_is_better={"gen_nll": False, "off_chain": False},
-                    description="NLL per token (nats) of samples under the true source; off_chain: share of transitions off the sparse chain"))
+                    higher_is_better={"gen-nll": False, "off-chain": False},
+                    description="NLL per token (nats) of samples under the true source; off-chain: share of transitions off the sparse chain"))
     register(Metric(name="entropy", family="text", compute=compute_entropy, higher_is_better=True,
                     description="unigram entropy of the samples in nats (low = repetitive collapse)"))
     register(Metric(name="distinct-n", family="text", compute=compute_distinct, options={"n": Option(2, min=1)},

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from diffbench.checkpoints import find_checkpoint
+from diffbench.generate import class_labels, generate
 from diffbench.metrics import MetricContext
-from diffbench.rng import SampleGenerators
 from diffbench_plugins import samplers as sampler_module
 from diffbench_plugins.dit import DIT_PLUGIN
 from diffbench_plugins.guidance import apply_cfg, apply_classifier
@@ -36,21 +36,17 @@ if hasattr(sampler_module, "sample_dpm_solver_pp"):
 
 
 @torch.no_grad()
-def generate(den, shape, n: int, steps: int, sampler: str = "ddim", cfg: float | None = None, seed: int = 0, batch: int = 250):
-    """n samples; sample i has label i % K and noise from (seed, i). Returns (samples, labels, nfe, seconds)."""
+def sample_images(den, shape, n: int, steps: int, sampler: str = "ddim", cfg: float | None = None, seed: int = 0,
+                  batch: int = 250):
+    """n samples through diffbench.generate (label i % K, noise from (seed, i)). Returns (samples, labels, nfe, seconds)."""
     fn, spacing = SAMPLERS[sampler]
-    labels = torch.arange(n) % den.num_classes if den.num_classes else None
     guided = apply_cfg(den, cfg) if cfg is not None else den
     timesteps = den.process.timesteps(steps, spacing)
     out, start, tic = [], den.nfe, time.perf_counter()
     for lo in range(0, n, batch):
-        idx = range(lo, min(n, lo + batch))
-        gens = SampleGenerators(seed, idx)
-        d = guided.conditioned(labels[lo:lo + len(idx)]) if labels is not None else guided
-        x = den.process.prior_std() * gens.randn(shape)
-        out.append(fn(d, x, timesteps, generator=gens).clamp(-1, 1))
+        out.append(generate(guided, fn, timesteps, range(lo, min(n, lo + batch)), shape, seed=seed).samples.clamp(-1, 1))
     n_batches = -(-n // batch)
-    return torch.cat(out), labels, (den.nfe - start) // n_batches, time.perf_counter() - tic
+    return torch.cat(out), class_labels(den, range(n)), (den.nfe - start) // n_batches, time.perf_counter() - tic
 
 
 def ctx_for(ds, reference, ref_labels, labels, cache):
@@ -97,28 +93,28 @@ def main():
         for model in args.models.split(","):
             plugin = PLUGINS[model]
             den = plugin.load(ds)
-            x, labels, nfe, secs = generate(den, ds.shape, n, 50, "ddim")
+            x, labels, nfe, secs = sample_images(den, ds.shape, n, 50, "ddim")
             rows_main.append((ds_name, f"{model} (shipped)", nfe, fid_of(ds, x, reference, cache)))
             if ds_name in args.quick_datasets.split(","):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 plugin.train(ds, Path(tmp) / "under", steps=args.undertrained_steps, progress=False)
                 under = plugin.load(ds, checkpoint=str(Path(tmp) / "under"))
-            xu, *_ = generate(under, ds.shape, n, 50, "ddim")
+            xu, *_ = sample_images(under, ds.shape, n, 50, "ddim")
             rows_main.append((ds_name, f"{model} ({args.undertrained_steps} training steps)", nfe,
                               fid_of(ds, xu, reference, cache)))
             for w in (0.0, 1.0, 3.0):
-                xg, labels, nfe_g, _ = generate(den, ds.shape, n, 50, "ddim", cfg=w)
+                xg, labels, nfe_g, _ = sample_images(den, ds.shape, n, 50, "ddim", cfg=w)
                 acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))
                 rows_cfg.append((ds_name, model, f"cfg:{w:g}", nfe_g, acc, fid_of(ds, xg, reference, cache)))
             if find_checkpoint(f"{ds_name}-noisy-cnn") is not None:
                 for s in (1.0, 3.0):
-                    xg, labels, nfe_g, _ = generate(apply_classifier(den, s), ds.shape, n, 50, "ddim")
+                    xg, labels, nfe_g, _ = sample_images(apply_classifier(den, s), ds.shape, n, 50, "ddim")
                     acc = compute_class_acc(xg, ctx_for(ds, reference, ref_labels, labels, cache))
                     rows_cfg.append((ds_name, model, f"classifier:{s:g}", nfe_g, acc, fid_of(ds, xg, reference, cache)))
             for sampler in SAMPLERS:
                 for steps in (10, 20, 50):
-                    xs, _, nfe_s, secs = generate(den, ds.shape, n, steps, sampler)
+                    xs, _, nfe_s, secs = sample_images(den, ds.shape, n, steps, sampler)
                     rows_nfe.append((ds_name, model, sampler, nfe_s, fid_of(ds, xs, reference, cache), secs))
             print(f"{ds_name}/{model} done", flush=True)
     sections.append("## FID at 50 NFE (DDIM, no guidance) vs baselines\n\n"

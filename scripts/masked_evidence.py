@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diffbench.generate import generate
 from diffbench.metrics import MetricContext
-from diffbench.rng import SampleGenerators
 from diffbench_plugins import masked_samplers, mdlm, text_data, text_metrics
 
 SAMPLERS = {
@@ -48,10 +48,9 @@ def main(num_samples: int, seed: int) -> pd.DataFrame:
     for name, (fn, options) in SAMPLERS.items():
         for steps in STEPS:
             D.stats.reset()
-            x = torch.full((num_samples, *ds.shape), D.mask_id)
             tic = time.perf_counter()
-            samples = fn(D, x, torch.linspace(1, 0, steps + 1, dtype=torch.float64),
-                         generator=SampleGenerators(seed, range(num_samples)), **options)
+            samples = generate(D, fn, torch.linspace(1, 0, steps + 1, dtype=torch.float64), range(num_samples),
+                               ds.shape, seed=seed, **options).samples
             rows.append({"sampler": name, "steps": steps, "nfe": D.nfe, "wall_s": time.perf_counter() - tic,
                          **text_scores(samples, ctx)})
             print(rows[-1], flush=True)
@@ -70,10 +69,10 @@ def report(table: pd.DataFrame, elbo: dict, ds, num_samples: int, seed: int) -> 
         low, rand = rows.loc[("llada-lowconf", steps)], rows.loc[("llada-random", steps)]
         collapsed = low.entropy < source.entropy - 0.2
         verdicts.append(
-            f"at {steps} steps low-confidence gives gen-nll {low.gen_nll:.3f} vs random {rand.gen_nll:.3f}, "
+            f"at {steps} steps low-confidence gives gen-nll {low['gen-nll']:.3f} vs random {rand['gen-nll']:.3f}, "
             f"unigram entropy {low.entropy:.3f} vs {rand.entropy:.3f} (source {source.entropy:.3f}): "
             + ("lower NLL only by collapsing onto the most likely tokens, so not a better sampler of the source"
-               if collapsed else ("better" if low.gen_nll < rand.gen_nll else "not better")))
+               if collapsed else ("better" if low['gen-nll'] < rand['gen-nll'] else "not better")))
     return "\n".join([
         "# Masked diffusion on markov-text: sample quality vs steps",
         "",
@@ -82,7 +81,7 @@ def report(table: pd.DataFrame, elbo: dict, ds, num_samples: int, seed: int) -> 
         "",
         f"Floor: the source's exact entropy is {ds.info['entropy_per_token']:.4f} nats/token "
         f"(entropy rate {ds.info['entropy_rate']:.4f}); the model's ELBO bound on held-out data is "
-        f"{elbo['elbo_nll']:.4f} nats/token (elbo-ppl {elbo['elbo_ppl']:.3f}). A gen-nll below the floor "
+        f"{elbo['elbo-nll']:.4f} nats/token (elbo-ppl {elbo['elbo-ppl']:.3f}). A gen-nll below the floor "
         "with a unigram entropy below the source's means mode collapse, not quality. wall_s is CPU time on a "
         "shared machine: compare it only within this table.",
         "",

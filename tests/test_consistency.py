@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess
 from diffbench_plugins.consistency import (SIGMA_MAX, SIGMA_MIN, PreconditionedNet, consistency_times, ict_num_scales,
-                                           karras_sigmas)
+                                           discretization_sigmas)
 from diffbench_plugins.mlp import MLPDenoiserNet
 
 
@@ -41,7 +41,7 @@ def test_boundary_condition_holds_exactly():
 
 
 def test_karras_discretization_and_ict_curriculum():
-    sigmas = karras_sigmas(18)
+    sigmas = discretization_sigmas(18)
     assert float(sigmas[0]) == pytest.approx(SIGMA_MIN, rel=1e-12)
     assert float(sigmas[-1]) == pytest.approx(SIGMA_MAX, rel=1e-12)
     assert bool((sigmas.diff() > 0).all())

@@ -12,7 +12,7 @@ from diffbench_plugins.flow import (flow_matching_loss, sample_flow_dopri5, samp
                                     sample_flow_midpoint)
 from diffbench_plugins.mlp import MLPDenoiserNet
 from diffbench_plugins.samplers import sample_ddim
-from diffbench_plugins.toy_data import _draw_moons
+from diffbench_plugins.toy_data import draw_moons
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def one_thread():
 
 def _train_losses(ot: bool, steps: int = 120) -> torch.Tensor:
     torch.manual_seed(0)
-    data, _ = _draw_moons(10000, torch.Generator().manual_seed(0))
+    data, _ = draw_moons(10000, torch.Generator().manual_seed(0))
     net = MLPDenoiserNet(2, FlowProcess(), hidden=32, depth=1)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)

@@ -6,11 +6,11 @@ from diffbench.gmm import oracle_denoiser
 from diffbench.process import VPDiscrete
 from diffbench.rng import SampleGenerators
 from diffbench_plugins.samplers import sample_ddim, sample_ddpm
-from diffbench_plugins.toy_data import MOG_1D, _gmm_2d
+from diffbench_plugins.toy_data import MOG_1D, gmm_2d
 
 
 def test_ddim_with_many_steps_agrees_with_an_accurate_ode_solution():
-    mixture, process = _gmm_2d(), VPDiscrete.linear()
+    mixture, process = gmm_2d(), VPDiscrete.linear()
     d = oracle_denoiser(mixture, process)
     x_T = SampleGenerators(0, range(32)).randn((2,)).double()
     reference = reference_sample(mixture, process, x_T)  # DOP853, rtol 1e-10, same x_T

@@ -310,8 +310,8 @@ def test_gen_nll_of_true_source_samples_is_its_entropy():
     x, _ = ds.draw(8000, torch.Generator().manual_seed(3))
     per_seq = ds.info["nll"](x)
     result = text_metrics.compute_gen_nll(x, _ctx(ds))
-    assert abs(result["gen_nll"] - ds.info["entropy_per_token"]) < 4 * per_seq.std().item() / math.sqrt(len(x))
-    assert result["off_chain"] < 0.02  # only the smoothing's mass falls off the sparse support
+    assert abs(result["gen-nll"] - ds.info["entropy_per_token"]) < 4 * per_seq.std().item() / math.sqrt(len(x))
+    assert result["off-chain"] < 0.02  # only the smoothing's mass falls off the sparse support
 
 
 def test_entropy_and_distinct_n_exact_values():
@@ -343,9 +343,9 @@ def test_shipped_markov_checkpoint_generates_near_the_source_entropy():
                                                 generator=SampleGenerators(0, range(128)))
     floor = ds.info["entropy_per_token"]
     # uniform would be log 16 = 2.77; a model that learned only the unigram marginals had ELBO ≈ 2.2
-    assert text_metrics.compute_gen_nll(out, _ctx(ds))["gen_nll"] < floor + 0.4
+    assert text_metrics.compute_gen_nll(out, _ctx(ds))["gen-nll"] < floor + 0.4
     elbo = text_metrics.compute_elbo_ppl(out, _ctx(ds, D), sequences=128, draws=4)
-    assert floor < elbo["elbo_nll"] < floor + 0.25  # an upper bound on NLL, close to the source entropy
+    assert floor < elbo["elbo-nll"] < floor + 0.25  # an upper bound on NLL, close to the source entropy
 
 
 def test_shipped_char_checkpoint_loads_and_keeps_a_prompt():

@@ -101,9 +101,9 @@ def test_discrete_derivatives_are_one_sided_at_the_grid_end():
 
 
 def test_checkerboard_density_covers_its_own_samples():
-    from diffbench_plugins.toy_data import _checkerboard_log_prob, _draw_checkerboard
+    from diffbench_plugins.toy_data import checkerboard_log_prob, draw_checkerboard
 
-    x, _ = _draw_checkerboard(2000, torch.Generator().manual_seed(0))
-    logp = _checkerboard_log_prob(x)
+    x, _ = draw_checkerboard(2000, torch.Generator().manual_seed(0))
+    logp = checkerboard_log_prob(x)
     assert torch.isfinite(logp).all() and torch.allclose(logp, torch.full_like(logp, math.log(1 / 8)))
-    assert torch.isinf(_checkerboard_log_prob(x + torch.tensor([1.0, 0.0]))).float().mean() > 0.7
+    assert torch.isinf(checkerboard_log_prob(x + torch.tensor([1.0, 0.0]))).float().mean() > 0.7

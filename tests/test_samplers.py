@@ -2,16 +2,17 @@
 import pytest
 import torch
 
-from diffbench.gmm import oracle_denoiser
 from diffbench.denoiser import Denoiser
+from diffbench.gmm import oracle_denoiser
+from diffbench.generate import generate
 from diffbench.plugins import build_registry
 from diffbench.process import SPACINGS, make_process
 from diffbench.registry import ConfigError
 from diffbench.rng import SampleGenerators
 from diffbench_plugins.point_metrics import sliced_wasserstein
-from diffbench_plugins.toy_data import _gmm_2d
+from diffbench_plugins.toy_data import gmm_2d
 
-MIXTURE = _gmm_2d()
+MIXTURE = gmm_2d()
 REGISTRY = build_registry()
 OURS = [s for s in REGISTRY.all("samplers") if s.fn.__module__ == "diffbench_plugins.samplers"]
 
@@ -31,12 +32,11 @@ def sample(name, steps, n=8, process="vp-linear", spacing=None, seed=0, **option
     calls = []
     oracle = oracle_denoiser(MIXTURE, proc)
     denoiser = Denoiser(lambda x, t, c: calls.append(1) or oracle.net(x, t, c), proc, "x0")
-    generator = SampleGenerators(seed, range(n))
     options = {**component.defaults, **options}
     timesteps = proc.timesteps(steps, spacing or options.pop("spacing"))
     options.pop("spacing", None)
-    x = proc.prior_std() * generator.randn((2,))
-    return component.fn(denoiser, x, timesteps, generator=generator, **options), denoiser, len(calls)
+    out = generate(denoiser, component.fn, timesteps, range(n), (2,), seed=seed, **options)
+    return out.samples, denoiser, len(calls)
 
 
 # NFE formulas (see the plugins/samplers.py docstring), for steps = 6 and the default options.
@@ -153,6 +153,6 @@ def test_samplers_that_divide_by_alpha_refuse_a_grid_starting_at_zero_signal(nam
     from diffbench.registry import Incompatible
 
     process = FlowProcess()
-    d = oracle_denoiser(_gmm_2d(), process)
+    d = oracle_denoiser(gmm_2d(), process)
     with pytest.raises(Incompatible, match="α = 0"):
         REGISTRY.get("samplers", name).fn(d, torch.randn(4, 2), process.timesteps(4, "uniform"), generator=None)
