@@ -23,7 +23,7 @@ import torch
 from numpy.polynomial import polynomial as P
 
 import diffbench
-from diffbench.registry import ConfigError, Sampler
+from diffbench.registry import ConfigError, Incompatible, Sampler
 
 
 def _check(sampler: str, option: str, value, valid) -> None:
@@ -43,6 +43,9 @@ class _Grid:
         process = denoiser.process
         self.denoiser, self.timesteps, self.data_prediction = denoiser, timesteps, data_prediction
         self.alpha = process.alpha(timesteps).tolist()
+        if self.alpha[0] == 0:  # λ = −inf there: the interpolation in λ has no finite node
+            raise Incompatible(f"this grid starts at t={float(timesteps[0]):g} where α = 0 ({process.name}); "
+                               f"use spacing uniform-logsnr or karras")
         self.sigma = process.sigma(timesteps).tolist()
         self.lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(self.alpha, self.sigma)]
 

@@ -11,7 +11,9 @@ from diffusers import DDIMScheduler, DEISMultistepScheduler, SASolverScheduler, 
 
 from diffbench.gmm import oracle_denoiser
 from diffbench.plugins import build_registry
-from diffbench.process import VPDiscrete
+from diffbench.process import SPACINGS, VPDiscrete, make_process
+from diffbench.registry import Incompatible
+from diffbench.rng import SampleGenerators
 from diffbench_plugins.multistep_solvers import sample_deis, sample_sa_solver, sample_unipc
 from diffbench_plugins.samplers import sample_ddim, sample_ddpm
 
@@ -152,3 +154,39 @@ def test_ddim_with_eta_matches_ddim_scheduler_with_the_same_noise(eta, spacing, 
     for t in scheduler.timesteps:
         expected = scheduler.step(denoiser(expected, t.double()), t, expected, eta=eta, generator=generator).prev_sample
     assert max_diff(x, expected) <= TOL and nfe == steps
+
+
+# --- every spacing, every process ---------------------------------------------------------------
+
+NAMES = ["unipc", "deis", "sa-solver"]
+
+
+def registered(name, process, steps, spacing, n=32, **options):
+    component = build_registry().get("samplers", name)
+    proc = make_process(process)
+    denoiser = oracle_denoiser(MIXTURE, proc)
+    options = {k: v for k, v in {**component.options, **options}.items() if k != "spacing"}
+    generators = SampleGenerators(0, range(n))
+    x = proc.prior_std() * generators.randn((2,), dtype=torch.float64)
+    return component.fn(denoiser, x, proc.timesteps(steps, spacing), generator=generators, **options), denoiser.nfe
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_every_spacing_runs_with_nfe_equal_to_steps(name, spacing):
+    x, nfe = registered(name, "vp-linear", 6, spacing, n=8)
+    assert torch.isfinite(x).all() and nfe == 6
+
+
+@pytest.mark.parametrize("process", ["vp-continuous", "edm", "flow"])
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_land_on_the_modes_on_every_process(name, process):
+    ode = {"tau": 0.0} if name == "sa-solver" else {}  # the ODE: every sample converges to a mode
+    x, _ = registered(name, process, 40, "uniform-logsnr", **ode)
+    assert (torch.cdist(x, MIXTURE.means).min(1).values < 0.6).all() and MIXTURE.log_prob(x).mean() > -1.5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_grid_starting_at_zero_signal_is_incompatible(name):
+    with pytest.raises(Incompatible, match="α = 0"):
+        registered(name, "flow", 4, "uniform")
