@@ -106,25 +106,25 @@ def test_report_in_headless_chromium(run_dir):
         # every chart drew its points: vs NFE and vs wall-clock for swd and mmd on gmm-2d and moons
         assert browser.execute_script("return document.querySelectorAll('.js-plotly-plot .scatterlayer').length") == 8
 
-        def column(name):
-            index = browser.execute_script(
-                f"return Array.from(document.querySelectorAll('#results-table th')).findIndex(th => th.textContent.startsWith('{name}'))")
+        def column(name):  # the shown rows' values of a column ("" where a row has none)
             return browser.execute_script(
-                f"return Array.from(document.querySelectorAll('{rows}')).filter(r => !r.hidden)"
-                f".map(r => r.cells[{index}].dataset.value ?? r.cells[{index}].textContent.trim())"), index
+                f"return Array.from(document.querySelectorAll('{rows}')).filter(r => !r.hidden).map(r => {{"
+                f"const c = r.querySelector('td[data-col=\"{name}\"]'); return !c ? '' : c.dataset.value ?? c.textContent.trim(); }})")
 
-        header = "#results-table th:nth-child({})"
-        values, index = column("swd")
-        browser.find_element("css selector", header.format(index + 1)).click()
-        numbers = [float(v) for v in column("swd")[0] if v != ""]
+        swd_header = "#results-table th[data-col=swd]"
+        browser.find_element("css selector", swd_header).click()
+        numbers = [float(v) for v in column("swd") if v != ""]
         assert numbers == sorted(numbers) and len(numbers) == df["swd"].notna().sum()
-        assert column("swd")[0][-1] == ""  # cells without a value sort last
-        browser.find_element("css selector", header.format(index + 1)).click()
-        assert [float(v) for v in column("swd")[0] if v != ""] == sorted(numbers, reverse=True)
+        assert column("swd")[-1] == ""  # cells without a value sort last
+        browser.find_element("css selector", swd_header).click()
+        assert [float(v) for v in column("swd") if v != ""] == sorted(numbers, reverse=True)
+        reasons = browser.execute_script("return Array.from(document.querySelectorAll('td.reason')).map(c => c.colSpan)")
+        spanned = len(json.loads((run_dir / "results.json").read_text())["columns"]["metrics"]) + 3  # + 3 timings
+        assert reasons == [spanned] * (df["status"] != "ok").sum()  # one cell holds the reason
 
         browser.execute_script("const s = document.querySelector('select[data-filter=status]');"
                                "s.value = 'failed'; s.dispatchEvent(new Event('input', {bubbles: true}));")
-        assert column("status")[0] == ["failed"] * (df["status"] == "failed").sum()
+        assert column("status") == ["failed"] * (df["status"] == "failed").sum()
         assert browser.find_element("css selector", "[data-count]").text == f"6 of {len(df)} shown"
         browser.execute_script("const s = document.querySelector('select[data-filter=status]');"
                                "s.value = ''; s.dispatchEvent(new Event('input', {bubbles: true}));")

@@ -2,15 +2,18 @@
 (function () {
   "use strict";
 
-  function cellValue(row, index, numeric) {
-    const cell = row.cells[index];
-    const raw = cell.dataset.value !== undefined ? cell.dataset.value : cell.textContent.trim();
+  // Cells are found by column name (data-col) where the header has one, since a skipped or
+  // failed row of the run report spans its metric columns with one cell holding the reason;
+  // by position otherwise.
+  function cellValue(row, column, numeric) {
+    const cell = typeof column === "number" ? row.cells[column] : row.querySelector('td[data-col="' + column + '"]');
+    const raw = !cell ? "" : cell.dataset.value !== undefined ? cell.dataset.value : cell.textContent.trim();
     if (!numeric) return raw.toLowerCase();
     return raw === "" ? NaN : Number(raw);
   }
 
   function sortBy(table, th) {
-    const index = Array.prototype.indexOf.call(th.parentNode.children, th);
+    const column = th.dataset.col || Array.prototype.indexOf.call(th.parentNode.children, th);
     const numeric = th.dataset.type === "num";
     const ascending = th.getAttribute("aria-sort") !== "ascending";
     table.querySelectorAll("th[aria-sort]").forEach(function (other) { other.removeAttribute("aria-sort"); });
@@ -18,7 +21,7 @@
     const body = table.tBodies[0];
     const rows = Array.from(body.rows);
     rows.sort(function (a, b) {
-      const x = cellValue(a, index, numeric), y = cellValue(b, index, numeric);
+      const x = cellValue(a, column, numeric), y = cellValue(b, column, numeric);
       if (numeric) {  // empty cells (skipped, failed) always last
         if (isNaN(x) || isNaN(y)) return isNaN(x) - isNaN(y);
         return ascending ? x - y : y - x;
