@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from urllib.parse import quote
 from dataclasses import dataclass, field, fields
 from pathlib import Path
