@@ -49,6 +49,7 @@ class Shard:
     rank: int = 0
     world_size: int = 1
     objects: Any = None  # the gloo process group used for gathering Python objects
+    timeout_s: float = 0.0
 
     @property
     def is_root(self) -> bool:
@@ -63,8 +64,8 @@ class Shard:
         try:
             fn(*args, group=self.objects)
         except (RuntimeError, ValueError) as exc:  # gloo: a peer closed the connection, or timed out
-            raise DistributedError(f"rank {self.rank} of {self.world_size}: a collective failed (another "
-                                   f"rank died or did not answer within the timeout): {exc}") from None
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: another rank died or did not answer "
+                                   f"within --cell-timeout {self.timeout_s:g} s ({exc})") from None
 
     def _all_gather(self, value) -> list:
         out = [None] * self.world_size
@@ -119,7 +120,7 @@ def from_env(device: torch.device, timeout_s: float) -> Shard:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     objects = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
-    return Shard(dist.get_rank(), dist.get_world_size(), objects)
+    return Shard(dist.get_rank(), dist.get_world_size(), objects, timeout_s)
 
 
 def assemble(parts: list[tuple[list[range], torch.Tensor]], num_samples: int) -> torch.Tensor:

@@ -407,6 +407,9 @@ class GridRunner:
             result = result if isinstance(result, dict) else {ref.label: result}
             values.update({k: check_metric_value(metric, k, v) for k, v in result.items()})
             directions.update({k: metric.better_is_higher(k) for k in result})
+        values.update(ctx.columns)
+        if ctx.warnings:
+            values["warnings"] = "; ".join(dict.fromkeys(ctx.warnings))
         return values, directions
 
     # ---- artefacts -------------------------------------------------------------------------
