@@ -167,6 +167,10 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
     except ConfigError as exc:  # PluginError too
         _fail(str(exc))
     in_process = in_process or shard.world_size > 1  # see diffbench.distributed: no workers under torchrun
+    batches = -(-config.num_samples // (config.batch_size or config.num_samples))
+    if shard.is_root and batches < shard.world_size:  # ranks share batches, never split one (bit-for-bit results)
+        click.echo(f"warning: {batches} batch(es) of samples for {shard.world_size} ranks: ranks beyond the "
+                   f"{batches} sit idle; pass --batch-size {-(-config.num_samples // shard.world_size)} or less", err=True)
     cells = None if in_process else Supervisor(registry, config, out, plugins=plugins, cell_timeout_s=cell_timeout)
     try:
         runner = GridRunner(registry, config, out, resume=resume and shard.is_root, progress=not quiet and shard.is_root,
