@@ -25,9 +25,10 @@ Multi-node runs use torchrun's rendezvous unchanged, e.g. on every node:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,7 +118,7 @@ def from_env(device: torch.device, timeout_s: float) -> Shard:
         return Shard()
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     objects = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return Shard(dist.get_rank(), dist.get_world_size(), objects, timeout_s)
