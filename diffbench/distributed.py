@@ -102,6 +102,13 @@ class Shard:
         self._collective(dist.gather_object, local, parts, 0)
         return parts
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over all ranks, in place, on every rank (CPU tensors: the gloo group);
+        e.g. :func:`feature_moments` for FID statistics of features spread over ranks."""
+        if self.world_size > 1:
+            self._collective(dist.all_reduce, tensor)
+        return tensor
+
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -140,13 +147,6 @@ def feature_moments(features: torch.Tensor) -> torch.Tensor:
     """[n, F] features -> [F + 1, F + 1] float64 sums: [[n, Σf], [Σf, Σ f fᵀ]] (one all-reduce)."""
     f1 = torch.cat([torch.ones(len(features), 1, dtype=torch.float64), features.double()], 1)  # [n, F+1]
     return f1.T @ f1
-
-
-def all_reduce_moments(moments: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """The sum of every rank's :func:`feature_moments` (on every rank)."""
-    if shard.world_size > 1:
-        dist.all_reduce(moments)
-    return moments
 
 
 def moments_to_statistics(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

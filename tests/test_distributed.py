@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from diffbench.distributed import Shard, all_reduce_moments, assemble, feature_moments, moments_to_statistics
+from diffbench.distributed import Shard, assemble, feature_moments, moments_to_statistics
 
 # 200 samples in batches of 48: 5 batches (the last of 8), so 2 and 3 ranks get unequal shares.
 GRID = ["run", "--models", "gmm-oracle,unet", "--samplers", "ddpm,ddim", "--steps", "4",
@@ -122,7 +122,7 @@ def test_shares_cover_every_sample_once_and_reassemble_in_order():
 def _reduce_moments(rank: int, world: int, init: str, features: torch.Tensor, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     share = features[rank::world]  # an uneven share: 101 rows over 2 ranks
-    moments = all_reduce_moments(feature_moments(share), Shard(rank, world))
+    moments = Shard(rank, world).all_reduce(feature_moments(share))
     if rank == 0:
         mu, sigma = moments_to_statistics(moments)
         save_file({"mu": mu, "sigma": sigma.contiguous()}, out)
