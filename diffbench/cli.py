@@ -147,7 +147,12 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
 
     Exit status: 0 every cell ok or skipped with a reason, 1 some cell failed, 2 bad input
     (nothing run, nothing written).
+
+    Sharded: `torchrun --nproc-per-node N -m diffbench run ...` splits each cell's samples across
+    N processes (same samples and metrics as one process); cells then run in-process on every
+    rank, rank 0 writes the table, and --cell-timeout bounds every wait on another rank.
     """
+    from diffbench.distributed import DistributedError, from_env
     from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings
     from diffbench.results import terminal_table
     from diffbench.runner import GridRunner, resolve_device
@@ -168,24 +173,44 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
         datasets = load_datasets(registry, config)
         check_memory(config, datasets, *_available_memory(device))
         out = Path(out_dir) if out_dir else _default_out()
-        lock = _prepare_out(out, resume=resume, overwrite=overwrite)
+        shard = from_env(device, cell_timeout)  # one process unless launched by torchrun
+        lock, refused = None, None
+        if shard.is_root:  # only rank 0 writes
+            try:
+                lock = _prepare_out(out, resume=resume, overwrite=overwrite)
+            except ConfigError as exc:
+                refused = str(exc)
+        if refused := shard.broadcast(refused):
+            raise ConfigError(refused)
     except ConfigError as exc:  # PluginError too
         _fail(str(exc))
+    in_process = in_process or shard.world_size > 1  # see diffbench.distributed: no workers under torchrun
+    batches = -(-config.num_samples // (config.batch_size or config.num_samples))
+    if shard.is_root and batches < shard.world_size:  # ranks share batches, never split one (bit-for-bit results)
+        click.echo(f"warning: {batches} batch(es) of samples for {shard.world_size} ranks: ranks beyond the "
+                   f"{batches} sit idle; pass --batch-size {-(-config.num_samples // shard.world_size)} or less", err=True)
     cells = None if in_process else Supervisor(registry, config, out, plugins=plugins, cell_timeout_s=cell_timeout)
     try:
-        runner = GridRunner(registry, config, out, resume=resume, progress=not quiet,
-                            datasets=datasets if in_process else None, cells=cells)
+        runner = GridRunner(registry, config, out, resume=resume and shard.is_root, progress=not quiet and shard.is_root,
+                            datasets=datasets if in_process else None, cells=cells, shard=shard)
         if cells:
             cells.start()  # the worker starts while this process writes config.json and env.json
-        if not out_dir:
+        if not out_dir and shard.is_root:
             _point_latest(out)
         df = runner.run()
     except ConfigError as exc:
         _fail(str(exc))
+    except DistributedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     finally:
         if cells:
             cells.stop()
-        lock.release()
+        if lock:
+            lock.release()
+        shard.close()
+    if df is None:  # not rank 0
+        sys.exit(0)
     click.echo(terminal_table(df, runner.writer.metric_columns))
     counts = df["status"].value_counts().to_dict()
     click.echo(f"\n{len(df)} cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "skipped", "failed"))

@@ -4,6 +4,9 @@ Cells are matched on (model, sampler, guidance, dataset, steps). For every cell 
 in the baseline: its status must still be ok, its NFE must be identical, each quality metric
 may get worse by at most ``abs + rel·|baseline|`` (tight: these are deterministic given the
 seed), and each timing may grow by at most a ratio (wide: shared machines are noisy).
+A metric whose rows carry a 95% interval (``<column>_ci95``, the half-width, in both tables)
+is judged by it instead: a change within the interval of the difference, √(ci_new² + ci_base²),
+is sampling noise and not a regression, whatever the fixed tolerance says; one beyond it is.
 Exit codes: 0 no regression, 1 regression, 2 broken run or nothing comparable.
 """
 from __future__ import annotations
@@ -182,14 +185,23 @@ def _check_metric(cell, column, b, n, higher, limits) -> list[Finding]:
         return []
     if new_v is None or (isinstance(new_v, float) and math.isnan(new_v)):
         return [Finding(cell, column, base_v, "missing", "must be reported", "regression")]
-    allowed = metric_allowance(limits, base_v)
+    intervals = [row.get(f"{column}_ci95") for row in (b, n)]
+    if all(_is_number(ci) for ci in intervals):
+        allowed = math.hypot(*intervals)  # the 95% interval of new − base, two independent estimates
+        limit = f"±{allowed:.3g} (ci95)"
+    else:
+        allowed = metric_allowance(limits, base_v)
+        limit = f"{'-' if higher else '+'}{allowed:.3g}"
     worse = _worse_by(new_v, base_v, higher)
-    limit = f"{'-' if higher else '+'}{allowed:.3g}"
     if worse > allowed:
         return [Finding(cell, column, base_v, new_v, limit, "regression")]
     if -worse > allowed:
         return [Finding(cell, column, base_v, new_v, limit, "improved")]
     return []
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_ratio(cell, column, b, n, limits) -> list[Finding]:

@@ -22,3 +22,8 @@ class MetricContext:
     device: torch.device
     seed: int
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "diffbench")
+    # What a metric adds to the row besides its values: informational columns (a protocol, a
+    # confidence interval; ``compare`` reads ``<column>_ci95``), and warnings (the ``warnings`` column).
+    columns: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    memo: dict[str, Any] = field(default_factory=dict)  # work metrics of one cell share (e.g. features)

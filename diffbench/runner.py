@@ -11,7 +11,7 @@ import logging
 import math
 import numbers
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffbench.data import DataSource
 from diffbench.denoiser import NetworkError
+from diffbench.distributed import RankFailed, Shard, assemble
 from diffbench.fastpath import apply_fast_path, check_supported
 from diffbench.grid import Cell, RunConfig
 from diffbench.io import atomic_write_bytes, atomic_write_text, read_json
@@ -132,14 +133,36 @@ def check_compatible(model: Component, denoiser, sampler: Component, guidance: C
 
 @dataclass
 class Generated:
+    """A cell's samples, or (under torchrun) one rank's share of them: the samples of ``batches``."""
+
     samples: torch.Tensor  # [N, *shape]
     x_T: torch.Tensor  # [N, *shape] starting noise (or fully masked tokens)
     labels: torch.Tensor | None
     nfe: int
-    wall_s: float
+    wall_s: float  # of the first batch (median over repeats)
     wall_std_s: float
     model_s: float
-    warmup_s: float  # the warm-up run (with compile / CUDA graphs: includes compilation and capture)
+    warmup_s: float = 0.0  # the warm-up run (with compile / CUDA graphs: includes compilation and capture)
+    batches: list[range] = field(default_factory=list)
+    samples_per_s: float = 0.0  # first batch; summed over ranks when shares are merged
+
+    def cpu(self) -> "Generated":
+        labels = None if self.labels is None else self.labels.cpu()
+        return replace(self, samples=self.samples.cpu(), x_T=self.x_T.cpu(), labels=labels)
+
+
+def merge_shares(shares: list[Generated], num_samples: int, device: torch.device) -> Generated:
+    """One Generated from every rank's share (rank 0's timings; throughput summed over ranks)."""
+    if len(shares) == 1:
+        return shares[0]
+    shares = [s for s in shares if s.batches]  # ranks beyond the number of batches sampled nothing
+
+    def whole(get):
+        return assemble([(s.batches, get(s)) for s in shares], num_samples).to(device)
+
+    labels = None if shares[0].labels is None else whole(lambda s: s.labels)
+    return replace(shares[0], samples=whole(lambda s: s.samples), x_T=whole(lambda s: s.x_T), labels=labels,
+                   batches=[range(num_samples)], samples_per_s=sum(s.samples_per_s for s in shares))
 
 
 @dataclass
@@ -152,24 +175,27 @@ class CellResult:
     points: tuple | None = None
 
 
-def base_row(config: RunConfig, cell: Cell, registry: Registry, device: torch.device) -> dict:
+def base_row(config: RunConfig, cell: Cell, registry: Registry, device: torch.device, world_size: int = 1) -> dict:
     """The columns every row has, whatever happens in the cell."""
     return {"model": cell.model.label, "sampler": cell.sampler.label, "guidance": cell.guidance.label,
             "dataset": cell.dataset.label, "steps": cell.steps,
             "spacing": registry.options("samplers", cell.sampler).get("spacing"),
             "num_samples": config.num_samples, "batch_size": min(config.batch_size or config.num_samples,
                                                                  config.num_samples),
-            "seed": config.seed, "device": str(device), "attention": effective_backend(device), "reason": "",
+            "seed": config.seed, "device": str(device), "attention": effective_backend(device),
+            "world_size": world_size, "reason": "",
             "dtype": config.dtype, "compile": config.compile, "cuda_graphs": config.cuda_graphs}
 
 
 class GridRunner:
     """Runs the cells of a grid and writes the table. Cells run in this process, or (``cells``
-    = a :class:`diffbench.worker.Supervisor`) in a supervised worker process."""
+    = a :class:`diffbench.worker.Supervisor`) in a supervised worker process, or (``shard``, under
+    torchrun) in this process on every rank, each sampling its share (:mod:`diffbench.distributed`)."""
 
     def __init__(self, registry: Registry, config: RunConfig, out_dir: Path, *, resume: bool = False,
-                 progress: bool = True, datasets: dict | None = None, cells=None):
+                 progress: bool = True, datasets: dict | None = None, cells=None, shard: Shard | None = None):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
+        self.shard = shard or Shard()
         self.device = resolve_device(config.device)
         check_supported(config.fast_path, self.device)
         self.progress = progress
@@ -209,7 +235,9 @@ class GridRunner:
         return any((r["model"], r["sampler"], r["guidance"], r["dataset"], r["steps"]) == cell.key for r in self.writer.rows)
 
     def run(self):
-        """Run every cell; returns the results DataFrame."""
+        """Run every cell; returns the results DataFrame (None on ranks other than 0)."""
+        if not self.shard.is_root:
+            return self._run_share()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -218,7 +246,7 @@ class GridRunner:
         try:
             atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.as_dict(), indent=2))
             atomic_write_text(self.out_dir / "env.json", json.dumps(environment_fingerprint(self.device), indent=2))
-            cells = [c for c in self.config.cells() if not self._done(c)]
+            cells = self.shard.broadcast([c for c in self.config.cells() if not self._done(c)])
             with use_backend(self.config.attention):
                 bar = tqdm(cells, desc="cells", unit="cell", disable=not self.progress)
                 for cell in bar:
@@ -235,10 +263,16 @@ class GridRunner:
             handler.close()
         return self.writer.frame()
 
+    def _run_share(self) -> None:
+        """Ranks other than 0: sample this rank's share of each of rank 0's cells (rank 0 writes)."""
+        with use_backend(self.config.attention):
+            for cell in self.shard.broadcast(None):
+                self.run_cell(cell)
+
     # ---- one cell ------------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell here; every outcome is a row (peak memory over the whole cell, warm-up included)."""
-        row = base_row(self.config, cell, self.registry, self.device)
+        row = base_row(self.config, cell, self.registry, self.device, self.shard.world_size)
         try:
             with PeakMemory(self.device) as memory:
                 result = self._run_cell(cell, row)
@@ -251,7 +285,7 @@ class GridRunner:
             model = self.registry.get("models", cell.model.name)
             row.update(status="failed", reason=str(CellFailure(model, f"network: {exc}")))
             log.error("failed %s: %s\n%s", cell.slug, row["reason"], "".join(traceback.format_exception(exc)))
-        except (CellFailure, SampleError) as exc:
+        except (CellFailure, SampleError, RankFailed) as exc:
             row.update(status="failed", reason=str(exc))
             log.error("failed %s: %s\n%s", cell.slug, exc, "".join(traceback.format_exception(exc)))
         except Exception as exc:  # a bug in the host itself: still never lose the other cells
@@ -261,7 +295,13 @@ class GridRunner:
 
     def _run_cell(self, cell: Cell, row: dict) -> CellResult:
         sampler = self.registry.get("samplers", cell.sampler.name)
-        generated, dataset, denoiser = self._generate(cell, sampler, self.registry.options("samplers", cell.sampler))
+        options = self.registry.options("samplers", cell.sampler)
+        shares = self.shard.gather(lambda: self._generate(cell, sampler, options), cell.slug)
+        if shares is None:  # not rank 0: rank 0 writes the row
+            return CellResult(row, {})
+        generated = merge_shares(shares, self.config.num_samples, self.device)
+        dataset = self._dataset(cell.dataset)
+        denoiser = self._model(cell.model, cell.dataset, dataset)
         check_finite_samples(cell, generated.samples)
         row.update(self._timing_columns(generated, cell.steps), channels_last=denoiser.channels_last)
         metrics, directions = self._metrics(cell, generated, dataset, denoiser)
@@ -290,7 +330,8 @@ class GridRunner:
             return apply_fast_path(denoiser, self.config.fast_path, self.device)
         return _cached(self._loaded, ("model", ref.label, dataset_ref.label), load)
 
-    def _generate(self, cell: Cell, sampler: Component, options: dict):
+    def _generate(self, cell: Cell, sampler: Component, options: dict) -> Generated:
+        """This rank's share of the cell's samples (all of them in a one-process run)."""
         dataset = self._dataset(cell.dataset)
         model_component = self.registry.get("models", cell.model.name)
         base = self._model(cell.model, cell.dataset, dataset)
@@ -312,7 +353,10 @@ class GridRunner:
                         seed=self.config.seed, device=self.device, **options)
             return out.x_T, check_sample_output(sampler, out.samples, out.x_T)
 
-        n, bs = self.config.num_samples, self._batch_size()
+        bs = self._batch_size()
+        batches = self.shard.batches(self.config.num_samples, bs)  # the first is timed
+        if not batches:  # more ranks than batches
+            return Generated(None, None, None, 0, math.nan, math.nan, math.nan)
         # Warm-up: allocator, lazy init, kernel autotuning; with compile / CUDA graphs the timed
         # batch's shapes, so that compilation and capture happen here (reported as compile_s).
         warmup = []
@@ -322,23 +366,25 @@ class GridRunner:
         for _ in range(self.config.repeats):
             denoiser.stats.reset()
             with wall_timer(self.device, times):
-                out = sample(range(bs))
+                out = sample(batches[0])
             model_times.append(denoiser.stats.model_time())
             first = first or (out, denoiser.stats.nfe)
         (x_T0, samples0), nfe = first
-        rest = [sample(range(start, min(start + bs, n))) for start in range(bs, n, bs)]
+        rest = [sample(batch) for batch in batches[1:]]
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
-        generated = Generated(samples, x_T, class_labels(denoiser, range(n), self.device), nfe, wall, wall_std,
-                              summarize(model_times)[0], warmup[0])
-        return generated, dataset, base
+        indices = [i for batch in batches for i in batch]
+        generated = Generated(samples, x_T, class_labels(denoiser, indices, self.device), nfe, wall, wall_std,
+                              summarize(model_times)[0], warmup[0], batches, len(batches[0]) / wall)
+        return generated.cpu() if self.shard.world_size > 1 else generated
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
-        """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""
+        """Timings are per batch of ``batch_size`` samples (median over ``repeats``) on one device;
+        samples_per_s is summed over ranks under torchrun."""
         return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
                 "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps,
-                "samples_per_s": self._batch_size() / g.wall_s,
+                "samples_per_s": g.samples_per_s,
                 # compile_s: what the warm-up run took over a timed run (compilation, graph capture).
                 "compile_s": g.warmup_s - g.wall_s if self.config.fast_path.fixed_shapes else None}
 
@@ -362,6 +408,9 @@ class GridRunner:
             result = result if isinstance(result, dict) else {ref.label: result}
             values.update({k: check_metric_value(metric, k, v) for k, v in result.items()})
             directions.update({k: metric.better_is_higher(k) for k in result})
+        values.update(ctx.columns)
+        if ctx.warnings:
+            values["warnings"] = "; ".join(dict.fromkeys(ctx.warnings))
         return values, directions
 
     # ---- artefacts -------------------------------------------------------------------------

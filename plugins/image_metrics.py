@@ -1,9 +1,9 @@
 """Image metrics: FID and KID through torch-fidelity, class accuracy of conditional samples, and
 the DDPM variational bound in bits/dim.
 
-FID / KID never use a hand-written Fréchet distance: images go to
-``torch_fidelity.calculate_metrics`` as torch Datasets of uint8 images, with one of two feature
-extractors, both registered in torch-fidelity's registry:
+FID / KID / precision-recall never use a hand-written distance: torch-fidelity extracts the
+features of uint8 images (once per cell, shared by the three) and computes each metric from
+them, with one of two feature extractors, both registered in torch-fidelity's registry:
 
 * ``inception-v3-compat`` (torch-fidelity's own) from a local weights file: metric option
   ``inception_weights`` or the environment variable ``DIFFBENCH_INCEPTION_WEIGHTS``;
@@ -11,22 +11,34 @@ extractors, both registered in torch-fidelity's registry:
   :mod:`diffbench_plugins.classifier`) for the small datasets.
 
 The column names say which was used: ``fid[digits-cnn]``, ``kid[inception-v3]``. Reference
-statistics are cached by torch-fidelity under ``ctx.cache_dir / "fidelity"``, keyed by the
-dataset, a hash of the reference images and the extractor.
+features are cached under ``ctx.cache_dir / "fidelity"``, keyed by the dataset, a hash of the
+reference images and the extractor.
+
+The protocol goes into the row (``protocol[<extractor>]``: extractor, feature dimensions, numbers
+of generated and reference images, reference split, seed), with a 95% bootstrap interval of FID,
+KID and class-acc over the generated samples (``fid[...]_ci95``, the half-width: how far a value
+may move from resampling alone; ``diffbench compare`` treats a change inside it as noise), and a
+``warnings`` entry when there are fewer images than feature dimensions.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 
 import torch
-import torch_fidelity
+from safetensors.torch import load_file, save
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 import diffbench
 from diffbench.checkpoints import find_checkpoint
+from diffbench.io import atomic_write_bytes
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible, Metric, Option
@@ -111,47 +123,127 @@ def _reference_key(ctx: MetricContext) -> str:
     return f"{ctx.dataset.name}-ref{len(ctx.reference)}-{digest}"
 
 
-def fidelity(samples: torch.Tensor, ctx: MetricContext, *, fid: bool, kid: bool, extractor: str = "auto",
-             inception_weights: str = "", cache: bool = True) -> dict[str, float]:
-    """torch-fidelity FID and/or KID of samples against ctx.reference."""
+def reference_split(dataset) -> str:
+    """Where the reference images come from (part of the FID protocol)."""
+    if dataset.draw is not None:
+        return "fresh-draws"
+    return "held-out-half" if dataset.reference_is_held_out else "training-set"
+
+
+@dataclass
+class Features:
+    """Features of one extractor: ``generated`` [N, F] and ``reference`` [M, F] (float32, CPU)."""
+
+    label: str
+    generated: torch.Tensor
+    reference: torch.Tensor
+
+
+def _extract(images: torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool, extra: dict) -> torch.Tensor:
+    """torch-fidelity's own feature extraction of [N, C, H, W] images in [-1, 1] -> [N, F]."""
+    layer = FEATURE_EXTRACTORS_REGISTRY[fe_name].get_default_feature_layer_for_metric("fid")
+    cuda = ctx.device.type == "cuda"
+    extractor = create_feature_extractor(fe_name, [layer], cuda=cuda, verbose=False, **extra)
+    return get_featuresdict_from_dataset(Uint8Images(images, rgb), extractor, batch_size=256, cuda=cuda,
+                                         save_cpu_ram=True, verbose=False)[layer]
+
+
+def features(samples: torch.Tensor, ctx: MetricContext, extractor: str, inception_weights: str) -> Features:
+    """Features of the samples and of ctx.reference (cached on disk); computed once per cell and
+    extractor. Records the protocol column, and a warning when there are fewer samples than feature
+    dimensions (the covariance is then rank-deficient: FID is not a stable number)."""
     if ctx.dataset.modality != "image":
         raise Incompatible(f"FID/KID need images; {ctx.dataset.name!r} is {ctx.dataset.modality}")
     fe_name, label, extra = _extractor(ctx, extractor, inception_weights)
+    memo = ctx.memo.get(("features", label))
+    if memo is not None and memo[0] is samples:
+        return memo[1]
     rgb = fe_name.startswith("inception")
-    n = min(len(samples), len(ctx.reference))
-    result = torch_fidelity.calculate_metrics(
-        input1=Uint8Images(samples, rgb), input2=Uint8Images(ctx.reference, rgb),
-        input2_cache_name=f"{_reference_key(ctx)}-{label}" if cache else None,
-        cache_root=str(ctx.cache_dir / "fidelity"), cache=cache,
-        fid=fid, kid=kid, kid_subset_size=min(1000, n), kid_subsets=100,
-        feature_extractor=fe_name, cuda=ctx.device.type == "cuda", batch_size=256,
-        save_cpu_ram=True, verbose=False, rng_seed=ctx.seed, **extra,
-    )
-    out = {}
-    if fid:
-        out[f"fid[{label}]"] = float(result["frechet_inception_distance"])
-    if kid:
-        out[f"kid[{label}]"] = float(result["kernel_inception_distance_mean"])
-    return out
+    cache = ctx.cache_dir / "fidelity" / f"{_reference_key(ctx)}-{label}.safetensors"
+    if cache.is_file():
+        reference = load_file(str(cache))["features"]
+    else:
+        reference = _extract(ctx.reference, fe_name, ctx, rgb, extra)
+        atomic_write_bytes(cache, save({"features": reference.contiguous()}))
+    result = Features(label, _extract(samples, fe_name, ctx, rgb, extra), reference)
+    ctx.memo[("features", label)] = (samples, result)
+    (n, dims), m = result.generated.shape, len(reference)
+    ctx.columns[f"protocol[{label}]"] = (f"extractor={label}; dims={dims}; generated={n}; reference={m}; "
+                                         f"reference_split={reference_split(ctx.dataset)}; seed={ctx.seed}")
+    if min(n, m) < dims:
+        ctx.warnings.append(f"{label}: {min(n, m)} {'generated' if n < m else 'reference'} samples < {dims} "
+                            f"feature dimensions: the covariance is rank-deficient, FID/KID are not stable")
+    return result
 
 
-def compute_fid(samples, ctx: MetricContext, extractor: str = "auto", inception_weights: str = ""):
-    return fidelity(samples, ctx, fid=True, kid=False, extractor=extractor, inception_weights=inception_weights)
+def bootstrap_ci95(statistic, n: int, rounds: int, seed: int) -> float:
+    """Half-width of the 95% percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13) of
+    ``statistic(indices)`` over n samples resampled with replacement ``rounds`` times."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([statistic(torch.randint(n, (n,), generator=g)) for _ in range(rounds)], dtype=torch.float64)
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(high - low) / 2
 
 
-def compute_kid(samples, ctx: MetricContext, extractor: str = "auto", inception_weights: str = ""):
-    return fidelity(samples, ctx, fid=False, kid=True, extractor=extractor, inception_weights=inception_weights)
+def record_ci95(ctx: MetricContext, column: str, statistic, n: int, ci_rounds: int) -> None:
+    """The bootstrap half-width of ``column`` goes to the row's ``<column>_ci95`` (none if ci_rounds is 0)."""
+    if ci_rounds:
+        ctx.columns[f"{column}_ci95"] = bootstrap_ci95(statistic, n, ci_rounds, ctx.seed)
+
+
+def compute_fid(samples, ctx: MetricContext, extractor: str = "auto", inception_weights: str = "",
+                ci_rounds: int = 100):
+    """torch-fidelity's FID (Heusel et al. 2017) of the samples against ctx.reference."""
+    f = features(samples, ctx, extractor, inception_weights)
+    reference = fid_features_to_statistics(f.reference)
+
+    def fid(index):
+        stats = fid_features_to_statistics(f.generated[index])
+        return fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID]
+
+    n = len(f.generated)
+    record_ci95(ctx, f"fid[{f.label}]", fid, n, ci_rounds)
+    return {f"fid[{f.label}]": fid(torch.arange(n))}
+
+
+def compute_kid(samples, ctx: MetricContext, extractor: str = "auto", inception_weights: str = "",
+                ci_rounds: int = 20):
+    """torch-fidelity's KID (Bińkowski et al. 2018): mean unbiased MMD² over 100 subsets. Its
+    bootstrap rounds use 5 subsets each (each subset costs as much as a whole FID): fewer rounds,
+    and a slightly wider interval than the 100-subset mean's."""
+    f = features(samples, ctx, extractor, inception_weights)
+    subset = min(1000, len(f.generated), len(f.reference))
+
+    def kid(index, subsets=100):
+        return kid_features_to_metric(f.generated[index], f.reference, kid_subsets=subsets, kid_subset_size=subset,
+                                      rng_seed=ctx.seed, verbose=False)[KEY_METRIC_KID_MEAN]
+
+    n = len(f.generated)
+    record_ci95(ctx, f"kid[{f.label}]", lambda index: kid(index, subsets=5), n, ci_rounds)
+    return {f"kid[{f.label}]": kid(torch.arange(n))}
+
+
+def compute_precision_recall(samples, ctx: MetricContext, extractor: str = "auto", inception_weights: str = "",
+                             neighborhood: int = 3):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) through torch-fidelity: the share of
+    samples inside the k-NN manifold of the reference, and of reference images inside the samples'."""
+    f = features(samples, ctx, extractor, inception_weights)
+    out = prc_features_to_metric(f.generated, f.reference, prc_neighborhood=neighborhood, save_cpu_ram=True,
+                                 verbose=False)
+    return {f"precision[{f.label}]": out[KEY_METRIC_PRECISION], f"recall[{f.label}]": out[KEY_METRIC_RECALL]}
 
 
 @torch.no_grad()
-def compute_class_acc(samples, ctx: MetricContext):
+def compute_class_acc(samples, ctx: MetricContext, ci_rounds: int = 100):
     """Fraction of conditional samples that the domain classifier assigns to the requested class."""
     if ctx.labels is None:
         raise Incompatible("class-acc needs class-conditional samples (the model is unconditional)")
     net = load_classifier(f"{ctx.dataset.name}-cnn", ctx.device)
     x = to_uint8(samples).float() / 127.5 - 1  # classify what an image file would hold
     preds = torch.cat([net(x[i:i + 512].to(ctx.device)).argmax(1).cpu() for i in range(0, len(x), 512)])
-    return float((preds == ctx.labels.cpu()).float().mean())
+    correct = (preds == ctx.labels.cpu()).double()  # [N]
+    record_ci95(ctx, "class-acc", lambda index: float(correct[index].mean()), len(correct), ci_rounds)
+    return float(correct.mean())
 
 
 # ----- the variational bound (Ho et al. 2020, eq. 5) -----------------------------------------
@@ -226,13 +318,20 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
 
 @diffbench.hookimpl
 def register_metrics(register):
-    fid_options = {"extractor": Option("auto", choices=("auto", "domain", "inception")), "inception_weights": ""}
-    register(Metric(name="fid", family="image", compute=compute_fid, options=fid_options,
-                    description="FID via torch-fidelity; column fid[<extractor>] (domain CNN or local Inception-v3)"))
-    register(Metric(name="kid", family="image", compute=compute_kid, options=fid_options,
-                    description="KID (mean over subsets) via torch-fidelity; column kid[<extractor>]"))
+    feature_options = {"extractor": Option("auto", choices=("auto", "domain", "inception")), "inception_weights": ""}
+    ci_rounds = {"ci_rounds": Option(100, min=0)}  # bootstrap rounds of the _ci95 column (0: none)
+    register(Metric(name="fid", family="image", compute=compute_fid, options={**feature_options, **ci_rounds},
+                    description="FID via torch-fidelity; column fid[<extractor>] (domain CNN or local Inception-v3), "
+                                "bootstrap 95% interval in fid[<extractor>]_ci95"))
+    register(Metric(name="kid", family="image", compute=compute_kid,
+                    options={**feature_options, "ci_rounds": Option(20, min=0)},
+                    description="KID (mean over subsets) via torch-fidelity; column kid[<extractor>] (+ _ci95)"))
+    register(Metric(name="precision-recall", family="image", compute=compute_precision_recall, higher_is_better=True,
+                    options={**feature_options, "neighborhood": Option(3, min=1)},
+                    description="improved precision / recall (Kynkäänniemi et al. 2019) via torch-fidelity"))
     register(Metric(name="class-acc", family="image", compute=compute_class_acc, higher_is_better=True,
-                    description="accuracy of the shipped domain classifier on class-conditional samples"))
+                    options=ci_rounds, description="accuracy of the shipped domain classifier on class-conditional "
+                                                   "samples (+ class-acc_ci95)"))
     register(Metric(name="nll-bpd", family="image", compute=compute_nll_bpd,
                     options={"num_images": Option(256, min=1), "num_steps": Option(50, min=1)},
                     description="DDPM variational bound (Ho et al. eq. 5) in bits/dim on held-out images"))
