@@ -174,7 +174,8 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
 
     if "compile" in settings:  # `compile = true` in a config file means the default mode
         settings = {**settings, "compile": compile_mode(settings["compile"])}
-    scalars = convert_options("run", RUN_OPTIONS, {k: v for k, v in settings.items() if k in RUN_OPTIONS and v is not None})
+    scalars = convert_options("run", RUN_OPTIONS, {k: v for k, v in settings.items() if k in RUN_OPTIONS and v is not None},
+                              table=True)
     model_datasets = {} if axes["datasets"] else {m.label: default_datasets(registry, m) for m in axes["models"]}
     config = RunConfig(**axes, steps=steps, **scalars, model_datasets=model_datasets)
     config.fast_path  # validates the combination of dtype, compile and cuda_graphs (ConfigError names the key)
@@ -224,7 +225,7 @@ def default_datasets(registry: Registry, model: Ref) -> list[Ref]:
 
     def covered(options: dict) -> list[str]:
         return [name for name in registry.names("datasets")
-                if find_checkpoint(checkpoint_name(model.name, name, options, component.options)) is not None]
+                if find_checkpoint(checkpoint_name(model.name, name, options, component.defaults)) is not None]
 
     names = list(component.datasets) or covered(dict(model.options)) or covered({})
     if not names:

@@ -118,8 +118,9 @@ def option_specs(options: dict[str, Any]) -> dict[str, Option]:
     return {key: value if isinstance(value, Option) else Option(value) for key, value in options.items()}
 
 
-def convert_options(owner: str, specs: dict[str, Option], values: dict[str, Any]) -> dict[str, Any]:
-    """Typed ``values``; a ConfigError naming ``owner``, the key, the value and what is valid otherwise."""
+def convert_options(owner: str, specs: dict[str, Option], values: dict[str, Any], *, table: bool = False) -> dict[str, Any]:
+    """Typed ``values``; a ConfigError naming ``owner``, the key, the value and what is valid otherwise
+    (``table``: ``owner`` is a config table, so a key is named as ``owner.key``, e.g. ``run.seed``)."""
     unknown = sorted(set(values) - set(specs))
     if unknown:
         valid = ", ".join(sorted(specs)) or "(none)"
@@ -129,7 +130,8 @@ def convert_options(owner: str, specs: dict[str, Option], values: dict[str, Any]
         try:
             typed[key] = specs[key].convert(value)
         except ValueError as exc:
-            raise ConfigError(f"{owner}: option {key}={value!r} {exc}") from None
+            name = f"{owner}.{key}" if table else f"{owner}: option {key}"
+            raise ConfigError(f"{name}={value!r} {exc}") from None
     return typed
 
 

@@ -268,7 +268,7 @@ def apply_autoguidance(denoiser, scale=2.0, guide: str = "", sigma_min=0.0, sigm
     ref = registry.resolve("models", guide or f"{denoiser.name}[checkpoint={weak_path}]")
     source = registry.get("datasets", dataset)
     device = next(iter(denoiser.net.parameters())).device if isinstance(denoiser.net, torch.nn.Module) else "cpu"
-    weak = registry.get("models", ref.name).load(source.load(**source.options), device=device,
+    weak = registry.get("models", ref.name).load(source.load(**source.defaults), device=device,
                                                  **registry.options("models", ref))
     if repr(weak.process) != repr(denoiser.process):
         raise Incompatible(f"autoguidance: the guide runs on {weak.process!r}, the model on {denoiser.process!r}")

@@ -19,7 +19,8 @@ from diffbench_plugins.dit import build_dit
 from diffbench_plugins.guidance import apply_cfg
 from diffbench_plugins.mdlm import SCHEDULES
 from diffbench_plugins.samplers import sample_dpm_solver_pp
-from diffbench_plugins.unet import ClipDenoised, build_unet
+from diffbench_plugins.image_model import ClipDenoised
+from diffbench_plugins.unet import build_unet
 
 PROC = make_process("vp-linear")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -147,7 +148,7 @@ def gaussian_samplers():
 
 
 def run_sampler(sampler, denoiser, x, device, steps=4):
-    options = dict(sampler.options)
+    options = dict(sampler.defaults)
     timesteps = denoiser.process.timesteps(steps, options.pop("spacing", None))
     return sampler.fn(denoiser, x, timesteps, generator=SampleGenerators(0, range(len(x)), device), **options)
 
@@ -172,7 +173,7 @@ def test_masked_samplers_never_read_a_device_tensor_on_the_host():
     timesteps = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
     for sampler in [s for s in build_registry().all("samplers") if s.family == "masked"]:
         x = torch.full((2, 16), vocab - 1, device="meta")
-        out = sampler.fn(denoiser, x, timesteps, generator=SampleGenerators(0, range(2), "meta"), **sampler.options)
+        out = sampler.fn(denoiser, x, timesteps, generator=SampleGenerators(0, range(2), "meta"), **sampler.defaults)
         assert out.is_meta, sampler.name
 
 

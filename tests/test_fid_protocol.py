@@ -13,11 +13,9 @@ from diffbench.compare import compare_runs
 from diffbench.metrics import MetricContext
 from diffbench.results import ResultsWriter
 from diffbench_plugins import image_metrics
-from diffbench_plugins.classifier import has_classifier
 from diffbench_plugins.image_data import load_digits
 
 DIGITS = load_digits()
-pytestmark = pytest.mark.skipif(not has_classifier("digits-cnn"), reason="digits-cnn checkpoint not shipped")
 
 
 def context(reference, tmp_path, labels=None):

@@ -25,7 +25,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_s
 
 def _mixture():
     source = build_registry().get("datasets", "gmm-2d")
-    return source.load(**source.options).mixture
+    return source.load(**source.defaults).mixture
 
 
 MIXTURE = _mixture()
@@ -165,7 +165,7 @@ def registered(name, process, steps, spacing, n=32, **options):
     component = build_registry().get("samplers", name)
     proc = make_process(process)
     denoiser = oracle_denoiser(MIXTURE, proc)
-    options = {k: v for k, v in {**component.options, **options}.items() if k != "spacing"}
+    options = {k: v for k, v in {**component.defaults, **options}.items() if k != "spacing"}
     generators = SampleGenerators(0, range(n))
     x = proc.prior_std() * generators.randn((2,), dtype=torch.float64)
     return component.fn(denoiser, x, proc.timesteps(steps, spacing), generator=generators, **options), denoiser.nfe
