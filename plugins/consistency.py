@@ -36,6 +36,7 @@ from diffbench.registry import ConfigError, Incompatible, Model, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.flow import fit
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
+from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 NET_DEFAULTS = {"hidden": 128, "depth": 3}
@@ -256,7 +257,6 @@ UNET_DEFAULTS = {"config": "", "class_cond": True, "checkpoint": ""}
 
 def _unet_network(dataset, sigma_data: float, config: str, class_cond: bool) -> tuple[PreconditionedNet, str, int]:
     """PreconditionedNet(U-Net on the EDM process, σ_d, σ_min); config defaults to ``unet``'s for the dataset."""
-    from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
     if dataset.modality != "image":
         raise Incompatible(f"consistency-unet models images; {dataset.name!r} is {dataset.modality}")

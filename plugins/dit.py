@@ -15,7 +15,7 @@ import diffbench
 from diffbench.nn.attention import attention
 from diffbench.nn.embeddings import time_input
 from diffbench.nn.layers import TimeClassEmbedding, modulate, zero_module
-from diffbench_plugins.unet import ImageModelPlugin
+from diffbench_plugins.image_model import ImageModelPlugin
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ from diffbench.process import FlowProcess
 from diffbench.registry import Incompatible, Model, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.mlp import SHIPPED, USER_CACHE, MLPDenoiserNet
-from diffbench_plugins.unet import UNET_CONFIGS, ImageModelPlugin, build_unet
+from diffbench_plugins.image_model import ImageModelPlugin
+from diffbench_plugins.unet import UNET_PLUGIN
 
 DEFAULTS = {"hidden": 128, "depth": 3, "ot": False, "reflow": False}
 
@@ -168,12 +169,8 @@ class FlowImagePlugin(ImageModelPlugin):
         return loss_fn
 
 
-FLOW_UNET_PLUGIN = FlowImagePlugin(
-    name="flow-unet", configs=UNET_CONFIGS, build=build_unet,
-    dataset_defaults={"digits": "tiny-8px", "shapes": "tiny"}, fallback_config="small",
-    train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
-                    "shapes": {"steps": 700, "batch_size": 32, "lr": 2e-3}},
-)
+# The U-Net's configs, per-dataset defaults and training budgets; only the objective differs.
+FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet"})
 
 
 # --- ODE samplers ---------------------------------------------------------------------------

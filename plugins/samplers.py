@@ -6,8 +6,10 @@ decreasing float64 grid of ``steps + 1`` process times whose last entry is clean
 ``generator`` gives per-sample noise (``generator.randn_like``). Schedule coefficients are
 float64 host scalars computed from that grid, so no loop ever syncs with the device.
 
-Notation: x_t = α_t x0 + σ_t ε. Between times t > s, α_{t|s} = α_t/α_s and
-σ²_{t|s} = σ_t² − α²_{t|s} σ_s² (Kingma et al. 2021, VDM eqs. 4 and 32–33).
+Notation: x_t = α_t x0 + σ_t ε. Every sampler steps from ``t_cur`` to ``t_next`` < ``t_cur``
+(one pair per grid interval); for such a step α_{cur|next} = α_cur/α_next and
+σ²_{cur|next} = σ_cur² − α²_{cur|next} σ_next² (Kingma et al. 2021, VDM eqs. 4 and 32–33,
+there written α_{t|s}, σ²_{t|s} with t > s).
 
 NFE (model calls) for ``steps`` = len(timesteps) − 1:
 
@@ -21,6 +23,7 @@ NFE (model calls) for ``steps`` = len(timesteps) − 1:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -38,29 +41,38 @@ def _check(sampler: str, option: str, value, valid) -> None:
         raise ConfigError(f"{sampler}: {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
-def _coeffs(process, t, s):
-    """(α_t, σ_t, α_s, σ_s, σ²_{t|s}) as float64 scalars."""
-    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
-    var_ts = s_t**2 - (a_t / a_s) ** 2 * s_s**2
-    return a_t, s_t, a_s, s_s, var_ts
+class Transition(NamedTuple):
+    """The schedule at both ends of a step t_cur -> t_next, as float64 0-d tensors."""
+
+    alpha_cur: torch.Tensor
+    sigma_cur: torch.Tensor
+    alpha_next: torch.Tensor
+    sigma_next: torch.Tensor
+    var: torch.Tensor  # σ²_{cur|next}: the variance the forward process adds from t_next to t_cur
+
+
+def transition(process, t_cur, t_next) -> Transition:
+    a_cur, s_cur, a_next, s_next = process.alpha(t_cur), process.sigma(t_cur), process.alpha(t_next), process.sigma(t_next)
+    return Transition(a_cur, s_cur, a_next, s_next, s_cur**2 - (a_cur / a_next) ** 2 * s_next**2)
 
 
 # --- DDPM and DDIM -------------------------------------------------------------------------
 
 
-def _posterior_step(process, x, x0, t, s, variance, generator):
-    """One ancestral step x_t -> x_s from q(x_s | x_t, x̂0) (Ho et al. 2020, eqs. 6–7; VDM eq. 33):
+def _posterior_step(process, x, x0, t_cur, t_next, variance, generator):
+    """One ancestral step x_cur -> x_next from q(x_next | x_cur, x̂0) (Ho et al. 2020, eqs. 6–7; VDM eq. 33):
 
-        μ = (α_{t|s} σ_s²/σ_t²) x_t + (α_s σ²_{t|s}/σ_t²) x̂0,
-        variance "small": β̃ = σ²_{t|s} σ_s²/σ_t² (the posterior's), "large": β = σ²_{t|s} (§3.2).
+        μ = (α_{cur|next} σ_next²/σ_cur²) x_cur + (α_next σ²_{cur|next}/σ_cur²) x̂0,
+        variance "small": β̃ = σ²_{cur|next} σ_next²/σ_cur² (the posterior's), "large": β = σ²_{cur|next} (§3.2).
 
     No noise is added on the last step to clean data (Alg. 2: z = 0 at t = 1).
     """
-    a_t, s_t, a_s, s_s, var_ts = _coeffs(process, t, s)
-    mean = float((a_t / a_s) * s_s**2 / s_t**2) * x + float(a_s * var_ts / s_t**2) * x0
-    if s_s == 0:
+    tr = transition(process, t_cur, t_next)
+    mean = (float((tr.alpha_cur / tr.alpha_next) * tr.sigma_next**2 / tr.sigma_cur**2) * x
+            + float(tr.alpha_next * tr.var / tr.sigma_cur**2) * x0)
+    if tr.sigma_next == 0:
         return mean
-    var = var_ts * s_s**2 / s_t**2 if variance == "small" else var_ts
+    var = tr.var * tr.sigma_next**2 / tr.sigma_cur**2 if variance == "small" else tr.var
     return mean + float(var.sqrt()) * generator.randn_like(x)
 
 
@@ -68,27 +80,27 @@ def _posterior_step(process, x, x0, t, s, variance, generator):
 def sample_ddpm(denoiser, x, timesteps, *, generator, callback=None, variance="small"):
     """Ancestral sampling (Ho et al. 2020, Alg. 2) on any grid, with either variance choice."""
     _check("ddpm", "variance", variance, ("small", "large"))
-    for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        x0 = denoiser(x, t)
-        x = _posterior_step(denoiser.process, x, x0, t, s, variance, generator)
-        _report(callback, i, x, t, x0)
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x0 = denoiser(x, t_cur)
+        x = _posterior_step(denoiser.process, x, x0, t_cur, t_next, variance, generator)
+        _report(callback, i, x, t_cur, x0)
     return x
 
 
 @torch.no_grad()
 def sample_ddim(denoiser, x, timesteps, *, generator, callback=None, eta=0.0):
-    """DDIM (Song et al. 2021a, eq. 12): x_s = α_s x̂0 + sqrt(σ_s² − c²) ε̂ + c z, with
-    c = η · sqrt(σ²_{t|s} σ_s²/σ_t²) (eq. 16; η = 0 is the deterministic ODE sampler,
+    """DDIM (Song et al. 2021a, eq. 12): x_next = α_next x̂0 + sqrt(σ_next² − c²) ε̂ + c z, with
+    c = η · sqrt(σ²_{cur|next} σ_next²/σ_cur²) (eq. 16; η = 0 is the deterministic ODE sampler,
     η = 1 has DDPM's posterior variance)."""
-    for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        a_t, s_t, a_s, s_s, var_ts = _coeffs(denoiser.process, t, s)
-        x0 = denoiser(x, t)
-        eps = (x - float(a_t) * x0) / float(s_t)
-        c = eta * (var_ts * s_s**2 / s_t**2).clamp(min=0).sqrt()
-        x = float(a_s) * x0 + float((s_s**2 - c**2).clamp(min=0).sqrt()) * eps
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        tr = transition(denoiser.process, t_cur, t_next)
+        x0 = denoiser(x, t_cur)
+        eps = (x - float(tr.alpha_cur) * x0) / float(tr.sigma_cur)
+        c = eta * (tr.var * tr.sigma_next**2 / tr.sigma_cur**2).clamp(min=0).sqrt()
+        x = float(tr.alpha_next) * x0 + float((tr.sigma_next**2 - c**2).clamp(min=0).sqrt()) * eps
         if c > 0:
             x = x + float(c) * generator.randn_like(x)
-        _report(callback, i, x, t, x0)
+        _report(callback, i, x, t_cur, x0)
     return x
 
 
@@ -97,21 +109,36 @@ def sample_ddim(denoiser, x, timesteps, *, generator, callback=None, eta=0.0):
 # Both solve the probability-flow ODE exactly in its linear part and integrate the model
 # output m in the half log-SNR λ (Lu et al. 2022a, eq. 3.4; Lu et al. 2022b, eq. 8):
 #
-#   DPM-Solver   (m = ε̂):  x_t = (α_t/α_s) x_s − α_t ∫_{λ_s}^{λ_t} e^{−λ} ε̂ dλ
-#   DPM-Solver++ (m = x̂0): x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^{λ}  x̂0 dλ
+#   DPM-Solver   (m = ε̂):  x_next = (α_next/α_cur) x_cur − α_next ∫_{λ_cur}^{λ_next} e^{−λ} ε̂ dλ
+#   DPM-Solver++ (m = x̂0): x_next = (σ_next/σ_cur) x_cur + σ_next ∫_{λ_cur}^{λ_next} e^{λ}  x̂0 dλ
 #
-# Both read x_t = (c_t/c_s) x_s + d_t ∫_0^h e^{−(h−u)} m(u) du with (c, d, h) = (α, σ, λ_s − λ_t)
-# for DPM-Solver and (σ, α, λ_t − λ_s) for DPM-Solver++. Expanding m in u (Taylor, eq. 3.6 of
-# 2022a) gives the coefficients φ1 = 1 − e^{−h}, h·φ2 and h²·φ3 of m, m' and m'' below; an
-# order-k solver replaces the derivatives by finite differences of earlier model outputs.
+# (the papers write the step s -> t). Both read x_next = (c_next/c_cur) x_cur + d_next ∫_0^h e^{−(h−u)} m(u) du
+# with (c, d, h) = (α, σ, λ_cur − λ_next) for DPM-Solver and (σ, α, λ_next − λ_cur) for DPM-Solver++.
+# Expanding m in u (Taylor, eq. 3.6 of 2022a) gives the coefficients φ1 = 1 − e^{−h}, h·φ2 and
+# h²·φ3 of m, m' and m'' below; an order-k solver replaces the derivatives by finite differences
+# of earlier model outputs.
 
 
-def _phis(h: float) -> tuple[float, float, float]:
-    """∫_0^h e^{−(h−u)} (u/h)^j / j! du for j = 0, 1, 2: (φ1, φ2, φ3), h = ±inf allowed for φ1."""
+class Phis(NamedTuple):
+    """∫_0^h e^{−(h−u)} (u/h)^j / j! du for j = 0, 1, 2."""
+
+    phi1: float
+    phi2: float
+    phi3: float
+
+
+def _phis(h: float) -> Phis:
+    """(φ1, φ2, φ3) at h; h = ±inf allowed for φ1."""
     phi1 = -math.expm1(-h)
-    phi2 = 1 - phi1 / h
-    phi3 = 0.5 - (h - phi1) / h**2
-    return phi1, phi2, phi3
+    return Phis(phi1, 1 - phi1 / h, 0.5 - (h - phi1) / h**2)
+
+
+class ExponentialStep(NamedTuple):
+    """x_next = c_ratio · x_cur + d_next · ∫_0^h e^{−(h−u)} m(u) du (see above)."""
+
+    c_ratio: float  # c_next / c_cur
+    d_next: float
+    h: float
 
 
 class _ExponentialIntegrator:
@@ -128,77 +155,79 @@ class _ExponentialIntegrator:
         return x0, (x - float(self.process.alpha(t)) * x0) / float(self.process.sigma(t))
 
     def lam(self, t) -> float:
-        """λ signed so that h = lam(t) − lam(s) (λ for DPM-Solver++, −λ for DPM-Solver)."""
+        """λ signed so that h = lam(t_next) − lam(t_cur) (λ for DPM-Solver++, −λ for DPM-Solver)."""
         lam = float(self.process.lambda_(t))
         return lam if self.data_prediction else -lam
 
-    def coeffs(self, s, t) -> tuple[float, float, float]:
-        """(c_t/c_s, d_t, h) for a step from time s to time t."""
-        a_s, s_s, a_t, s_t = (float(v) for v in _coeffs(self.process, s, t)[:4])
-        c_ratio, d_t = (s_t / s_s, a_t) if self.data_prediction else (a_t / a_s, s_t)
-        return c_ratio, d_t, self.lam(t) - self.lam(s)
+    def step(self, t_cur, t_next) -> ExponentialStep:
+        tr = transition(self.process, t_cur, t_next)
+        a_cur, s_cur, a_next, s_next = (float(v) for v in tr[:4])
+        c_ratio, d_next = (s_next / s_cur, a_next) if self.data_prediction else (a_next / a_cur, s_next)
+        return ExponentialStep(c_ratio, d_next, self.lam(t_next) - self.lam(t_cur))
 
-    def time_between(self, s, t, r: float):
-        """The time whose λ is λ_s + r (λ_t − λ_s): the intermediate points of singlestep solvers."""
-        lam_s, lam_t = self.process.lambda_(s), self.process.lambda_(t)
-        return self.process.t_from_lambda(lam_s + r * (lam_t - lam_s))
+    def time_between(self, t_cur, t_next, r: float):
+        """The time whose λ is λ_cur + r (λ_next − λ_cur): the intermediate points of singlestep solvers."""
+        lam_cur, lam_next = self.process.lambda_(t_cur), self.process.lambda_(t_next)
+        return self.process.t_from_lambda(lam_cur + r * (lam_next - lam_cur))
 
-    def first_order(self, x, s, t, m):
+    def first_order(self, x, t_cur, t_next, m):
         """DPM-Solver-1 (2022a, eq. 3.7 = DDIM) / DPM-Solver++(1) (2022b, eq. 9)."""
-        c_ratio, d_t, h = self.coeffs(s, t)
-        return c_ratio * x + d_t * _phis(h)[0] * m
+        st = self.step(t_cur, t_next)
+        return st.c_ratio * x + st.d_next * _phis(st.h).phi1 * m
 
 
-def _multistep_update(ei, x, s, t, history):
-    """One multistep step s -> t from the model outputs [(lam, m)] at s and before (newest first).
+def _multistep_update(ei, x, t_cur, t_next, history):
+    """One multistep step t_cur -> t_next from the model outputs [(lam, m)] at t_cur and before
+    (newest first).
 
     Order 2 (DPM-Solver++ Alg. 2, "2M"; multistep DPM-Solver-2 of 2022b, App. B):
-        x_t = c x_s + d φ1 (m0 + D1/2),  D1 = (m0 − m1)/r0,  r0 = h0/h.
+        x_next = c x_cur + d φ1 (m0 + D1/2),  D1 = (m0 − m1)/r0,  r0 = h0/h.
     Order 3 (2022b, App. B, "3M"): D1 ≈ h m' and D2 ≈ h² m''/2 from three outputs, then
-        x_t = c x_s + d (φ1 m0 + φ2 D1 + 2 φ3 D2).
+        x_next = c x_cur + d (φ1 m0 + φ2 D1 + 2 φ3 D2).
     (The reference implementation weights D2 by φ3; with D2 ≈ h² m''/2 that drops half of the
     m'' term and the method falls to second order, which tests/test_convergence.py shows.)
     """
     (lam0, m0), k = history[0], len(history)
     if k == 1:
-        return ei.first_order(x, s, t, m0)
-    c_ratio, d_t, h = ei.coeffs(s, t)
-    phi1, phi2, phi3 = _phis(h)
-    r0 = (lam0 - history[1][0]) / h
+        return ei.first_order(x, t_cur, t_next, m0)
+    st = ei.step(t_cur, t_next)
+    phi = _phis(st.h)
+    r0 = (lam0 - history[1][0]) / st.h
     d1_0 = (m0 - history[1][1]) / r0
     if k == 2:
-        return c_ratio * x + d_t * phi1 * (m0 + 0.5 * d1_0)
-    r1 = (history[1][0] - history[2][0]) / h
+        return st.c_ratio * x + st.d_next * phi.phi1 * (m0 + 0.5 * d1_0)
+    r1 = (history[1][0] - history[2][0]) / st.h
     d1_1 = (history[1][1] - history[2][1]) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    return c_ratio * x + d_t * (phi1 * m0 + phi2 * d1 + 2 * phi3 * d2)
+    return st.c_ratio * x + st.d_next * (phi.phi1 * m0 + phi.phi2 * d1 + 2 * phi.phi3 * d2)
 
 
-def _singlestep_update(ei, x, s, t, m0, order):
-    """One singlestep step s -> t with ``order`` model calls (the first, m0 at s, is given).
+def _singlestep_update(ei, x, t_cur, t_next, m0, order):
+    """One singlestep step t_cur -> t_next with ``order`` model calls (the first, m0 at t_cur, is given).
 
     Order 2: DPM-Solver-2 (2022a, Alg. 1) / DPM-Solver++(2S) (2022b, Alg. 1) with r1 = 1/2:
-        u = first-order step to s1 (λ_s + r1 h);  x_t = c x_s + d φ1 (m0 + (m(u) − m0)/(2 r1)).
+        u = first-order step to t_mid1 (λ_cur + r1 h);  x_next = c x_cur + d φ1 (m0 + (m(u) − m0)/(2 r1)).
     Order 3: DPM-Solver-3 (2022a, Alg. 2) with r1 = 1/3, r2 = 2/3:
-        u1 = first-order step to s1;  u2 = c x_s + d (φ1 m0 + (r2/r1) φ2 (m(u1) − m0)) at s2;
-        x_t = c x_s + d (φ1 m0 + (1/r2) φ2 (m(u2) − m0)).
+        u1 = first-order step to t_mid1;  u2 = c x_cur + d (φ1 m0 + (r2/r1) φ2 (m(u1) − m0)) at t_mid2;
+        x_next = c x_cur + d (φ1 m0 + (1/r2) φ2 (m(u2) − m0)).
+    (The papers call the intermediate times s1, s2.)
     """
     if order == 1:
-        return ei.first_order(x, s, t, m0)
+        return ei.first_order(x, t_cur, t_next, m0)
     r1, r2 = (0.5, None) if order == 2 else (1 / 3, 2 / 3)
-    s1 = ei.time_between(s, t, r1)
-    m1 = ei.model(ei.first_order(x, s, s1, m0), s1)[1]
+    t_mid1 = ei.time_between(t_cur, t_next, r1)
+    m1 = ei.model(ei.first_order(x, t_cur, t_mid1, m0), t_mid1)[1]
     if order == 2:
-        c_ratio, d_t, h = ei.coeffs(s, t)
-        return c_ratio * x + d_t * _phis(h)[0] * (m0 + (m1 - m0) / (2 * r1))
-    s2 = ei.time_between(s, t, r2)
-    c_ratio, d_t, h = ei.coeffs(s, s2)
-    phi1, phi2, _ = _phis(h)
-    m2 = ei.model(c_ratio * x + d_t * (phi1 * m0 + r2 / r1 * phi2 * (m1 - m0)), s2)[1]
-    c_ratio, d_t, h = ei.coeffs(s, t)
-    phi1, phi2, _ = _phis(h)
-    return c_ratio * x + d_t * (phi1 * m0 + phi2 * (m2 - m0) / r2)
+        st = ei.step(t_cur, t_next)
+        return st.c_ratio * x + st.d_next * _phis(st.h).phi1 * (m0 + (m1 - m0) / (2 * r1))
+    t_mid2 = ei.time_between(t_cur, t_next, r2)
+    st = ei.step(t_cur, t_mid2)
+    phi = _phis(st.h)
+    m2 = ei.model(st.c_ratio * x + st.d_next * (phi.phi1 * m0 + r2 / r1 * phi.phi2 * (m1 - m0)), t_mid2)[1]
+    st = ei.step(t_cur, t_next)
+    phi = _phis(st.h)
+    return st.c_ratio * x + st.d_next * (phi.phi1 * m0 + phi.phi2 * (m2 - m0) / r2)
 
 
 def _dpm_solve(ei, x, timesteps, order, multistep, lower_order_final, callback):
@@ -211,17 +240,17 @@ def _dpm_solve(ei, x, timesteps, order, multistep, lower_order_final, callback):
     """
     steps = len(timesteps) - 1
     history = []  # [(lam, m)] newest first
-    for i, (s, t) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        x0, m = ei.model(x, s)
-        history = [(ei.lam(s), m)] + history[: order - 1]
-        if ei.process.sigma(t) == 0:
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x0, m = ei.model(x, t_cur)
+        history = [(ei.lam(t_cur), m)] + history[: order - 1]
+        if ei.process.sigma(t_next) == 0:
             x = x0
         elif multistep:
             k = min(order, i + 1, steps - i if lower_order_final and steps < 15 else order)
-            x = _multistep_update(ei, x, s, t, history[:k])
+            x = _multistep_update(ei, x, t_cur, t_next, history[:k])
         else:
-            x = _singlestep_update(ei, x, s, t, m, order)
-        _report(callback, i, x, s, x0)
+            x = _singlestep_update(ei, x, t_cur, t_next, m, order)
+        _report(callback, i, x, t_cur, x0)
     return x
 
 
@@ -269,18 +298,18 @@ def _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_
     alphas = process.alpha(timesteps).tolist()
     steps = len(timesteps) - 1
     x = x / alphas[0]
-    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Lines 4–6: raise the noise level to σ̂ = σ (1 + γ) by adding fresh noise ("churn").
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
         if gamma > 0:
             sigma_hat = sigma * (1 + gamma)
-            t = process.t_from_lambda(torch.tensor(-math.log(sigma_hat), dtype=torch.float64))
+            t_cur = process.t_from_lambda(torch.tensor(-math.log(sigma_hat), dtype=torch.float64))
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * generator.randn_like(x)
         else:
             sigma_hat = sigma
         # Lines 7–8: Euler step along d = (x̃ − D)/σ̂.
-        denoised = denoiser(x * float(process.alpha(t)), t)
+        denoised = denoiser(x * float(process.alpha(t_cur)), t_cur)
         d = (x - denoised) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
         # Lines 9–11: Heun's correction with the slope at the end of the step.
@@ -288,7 +317,7 @@ def _sample_edm(denoiser, x, timesteps, generator, callback, s_churn, s_tmin, s_
             d_next = (x_next - denoiser(x_next * alphas[i + 1], t_next)) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
         x = x_next
-        _report(callback, i, x * alphas[i + 1], t, denoised)
+        _report(callback, i, x * alphas[i + 1], t_cur, denoised)
     return x * alphas[-1]
 
 
@@ -332,13 +361,15 @@ def sample_langevin(denoiser, x, timesteps, *, generator, callback=None, n_steps
     return denoiser(x, timesteps[-2])
 
 
-def _reverse_diffusion_step(process, x, x0, t, s, generator):
+def _reverse_diffusion_step(process, x, x0, t_cur, t_next, generator):
     """Reverse-diffusion predictor (Song et al. 2021b, eq. 46; Alg. 2–3 lines 3–5) for the
-    discretised forward step x_t = α_{t|s} x_s + σ_{t|s} z:
-        x_s = (2 − α_{t|s}) x_t + σ²_{t|s} ∇log p_t(x_t) + σ_{t|s} z,  ∇log p_t = (α_t x̂0 − x_t)/σ_t²."""
-    a_t, s_t, a_s, _, var_ts = _coeffs(process, t, s)
-    score = (float(a_t) * x0 - x) / float(s_t**2)
-    return float(2 - a_t / a_s) * x + float(var_ts) * score + float(var_ts.sqrt()) * generator.randn_like(x)
+    discretised forward step x_cur = α_{cur|next} x_next + σ_{cur|next} z:
+        x_next = (2 − α_{cur|next}) x_cur + σ²_{cur|next} ∇log p_cur(x_cur) + σ_{cur|next} z,
+        ∇log p_cur = (α_cur x̂0 − x_cur)/σ_cur²."""
+    tr = transition(process, t_cur, t_next)
+    score = (float(tr.alpha_cur) * x0 - x) / float(tr.sigma_cur**2)
+    return (float(2 - tr.alpha_cur / tr.alpha_next) * x + float(tr.var) * score
+            + float(tr.var.sqrt()) * generator.randn_like(x))
 
 
 @torch.no_grad()
@@ -349,18 +380,18 @@ def sample_pc(denoiser, x, timesteps, *, generator, callback=None, predictor="re
     steps at the new time; the step to clean data is the noise-free x̂0 = D(x, t_min)."""
     _check("pc", "predictor", predictor, ("reverse-diffusion", "ancestral"))
     process = denoiser.process
-    for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        x0 = denoiser(x, t)
-        if process.sigma(s) == 0:
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x0 = denoiser(x, t_cur)
+        if process.sigma(t_next) == 0:
             x = x0
         else:
             if predictor == "ancestral":
-                x = _posterior_step(process, x, x0, t, s, "small", generator)
+                x = _posterior_step(process, x, x0, t_cur, t_next, "small", generator)
             else:
-                x = _reverse_diffusion_step(process, x, x0, t, s, generator)
+                x = _reverse_diffusion_step(process, x, x0, t_cur, t_next, generator)
             for _ in range(n_steps_each):
-                x = _langevin_step(denoiser, x, s, snr, generator)
-        _report(callback, i, x, t, x0)
+                x = _langevin_step(denoiser, x, t_next, snr, generator)
+        _report(callback, i, x, t_cur, x0)
     return x
 
 

@@ -141,7 +141,7 @@ def test_flow_unet_loads_the_shipped_checkpoint_and_samples():
 
 def test_clip_denoised_velocity_is_exact_when_the_prediction_is_in_range():
     # ClipDenoised on a velocity net: unchanged where the implied x̂0 = x − t·u is inside [−1, 1].
-    from diffbench_plugins.unet import ClipDenoised
+    from diffbench_plugins.image_model import ClipDenoised
 
     x0, eps = 0.9 * (2 * torch.rand(4, 1, 8, 8) - 1), torch.randn(4, 1, 8, 8)
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])

@@ -10,7 +10,8 @@ from diffbench.process import make_process
 from diffbench.registry import ConfigError, Incompatible
 from diffbench_plugins import image_data
 from diffbench_plugins.dit import DIT_CONFIGS, DIT_PLUGIN, build_dit
-from diffbench_plugins.unet import SHIPPED, UNET_CONFIGS, UNET_PLUGIN, build_unet
+from diffbench_plugins.image_model import SHIPPED
+from diffbench_plugins.unet import UNET_CONFIGS, UNET_PLUGIN, build_unet
 
 PROC = make_process("vp-linear")
 
