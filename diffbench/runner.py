@@ -93,6 +93,8 @@ class Generated:
     wall_std_s: float
     model_s: float
     peak_mem_mb: float
+    decode_s: float | None = None  # latent models: median seconds to decode one batch
+    decoder_info: dict | None = None  # latent models: the autoencoder and scaling factor
 
 
 class GridRunner:
@@ -204,39 +206,53 @@ class GridRunner:
         else:
             timesteps = torch.linspace(1.0, 0.0, cell.steps + 1, dtype=torch.float64)
 
+        # Latent models (plugins/latent.py) carry a decoder: samplers see latents of its shape and the
+        # samples are decoded to images before the metrics, timed apart from sampling.
+        decoder = getattr(base, "decoder", None)
+        shape = decoder.latent_shape if decoder is not None else dataset.shape
+
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
             generators = SampleGenerators(self.config.seed, indices, self.device)
-            x_T = self._initial(denoiser, dataset, generators, timesteps[0])
+            x_T = self._initial(denoiser, shape, generators, timesteps[0])
             labels = self._labels(denoiser, indices)
             bound = denoiser.conditioned(labels) if labels is not None else denoiser
             with torch.no_grad():
                 out = _call(sampler, sampler.fn, bound, x_T.clone(), timesteps, generator=generators, **options)
             return x_T, out
 
+        def decode(out: tuple[torch.Tensor, torch.Tensor], decode_times: list[float]):
+            if decoder is None:
+                return out
+            with wall_timer(self.device, decode_times):
+                return out[0], _call(self.registry.get("models", cell.model.name), decoder, out[1])
+
         n, bs = self.config.num_samples, self._batch_size()
-        sample(range(min(WARMUP_SAMPLES, bs)))  # warm-up: allocator, lazy init, kernel autotuning
-        times, model_times, first = [], [], None
-        with PeakMemory(self.device) as memory:
+        decode(sample(range(min(WARMUP_SAMPLES, bs))), [])  # warm-up: allocator, lazy init, kernel autotuning
+        times, model_times, decode_times, first = [], [], [], None
+        with PeakMemory(self.device) as memory:  # covers sampling and decoding
             for _ in range(self.config.repeats):
                 denoiser.stats.reset()
                 with wall_timer(self.device, times):
                     out = sample(range(bs))
+                out = decode(out, decode_times)
                 model_times.append(denoiser.stats.model_time())
                 first = first or (out, denoiser.stats.nfe)
         (x_T0, samples0), nfe = first
-        rest = [sample(range(start, min(start + bs, n))) for start in range(bs, n, bs)]
+        rest = [decode(sample(range(start, min(start + bs, n))), []) for start in range(bs, n, bs)]
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
         generated = Generated(samples, x_T, self._labels(denoiser, range(n)), nfe, wall, wall_std,
-                              summarize(model_times)[0], memory.peak_mb)
+                              summarize(model_times)[0], memory.peak_mb,
+                              summarize(decode_times)[0] if decoder is not None else None,
+                              decoder.info if decoder is not None else None)
         return generated, dataset, base
 
-    def _initial(self, denoiser, dataset: DataSource, generators: SampleGenerators, t_start) -> torch.Tensor:
-        """x_T: N(0, prior_std(t_start)²) for Gaussian models, all-mask tokens for masked models."""
+    def _initial(self, denoiser, shape: tuple, generators: SampleGenerators, t_start) -> torch.Tensor:
+        """x_T [N, *shape]: N(0, prior_std(t_start)²) for Gaussian models, all-mask tokens for masked models."""
         if denoiser.family == "gaussian":
-            return generators.randn(dataset.shape) * denoiser.process.prior_std(t_start)
-        return torch.full((len(generators), *dataset.shape), denoiser.mask_id, dtype=torch.long, device=self.device)
+            return generators.randn(shape) * denoiser.process.prior_std(t_start)
+        return torch.full((len(generators), *shape), denoiser.mask_id, dtype=torch.long, device=self.device)
 
     def _labels(self, denoiser, indices: range) -> torch.Tensor | None:
         """Class labels for a conditional model: sample i gets class i mod K (balanced)."""
@@ -246,9 +262,12 @@ class GridRunner:
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``)."""
-        return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
-                "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps, "peak_mem_mb": g.peak_mem_mb,
-                "samples_per_s": self._batch_size() / g.wall_s}
+        columns = {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
+                   "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps, "peak_mem_mb": g.peak_mem_mb,
+                   "samples_per_s": self._batch_size() / g.wall_s}
+        if g.decode_s is not None:  # latent models: wall_s is sampling only; decoding one batch apart
+            columns |= {"decode_ms": 1e3 * g.decode_s, **g.decoder_info}
+        return columns
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
         key = cell.dataset.label  # the label: one dataset with two option sets is two references

@@ -135,28 +135,27 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / float(((x - y) ** 2).mean()))
 
 
-def checkpoint_path(dataset_name: str, config: str, checkpoint: str = "") -> Path:
-    if checkpoint:
-        return Path(checkpoint).with_suffix("")
-    stem = f"vae-{dataset_name}" + ("" if config == "tiny-f4" else f"-{config}")
+def checkpoint_path(name: str) -> Path:
+    """A checkpoint name (``vae-shapes``: the user cache first, then the shipped folder) or a path."""
+    if "/" in name:
+        return Path(name).with_suffix("")
     for root in (USER_CACHE, SHIPPED):
-        if (root / f"{stem}.safetensors").exists():
-            return root / stem
-    return USER_CACHE / stem
+        if (root / f"{name}.safetensors").exists():
+            return root / name
+    return USER_CACHE / name
 
 
-def load_autoencoder(dataset_name: str, config: str = "tiny-f4", checkpoint: str = "",
-                     device="cpu") -> tuple[AutoencoderKL, float, str]:
-    """(autoencoder, scaling factor, checkpoint name); Incompatible with the train command if missing."""
-    path = checkpoint_path(dataset_name, config, checkpoint)
+def load_autoencoder(name: str, device="cpu") -> tuple[AutoencoderKL, float]:
+    """(autoencoder, latent scaling factor); Incompatible with the train command if missing."""
+    path = checkpoint_path(name)
     if not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no autoencoder checkpoint at {path}.safetensors; run: diffbench train --model vae "
-                           f"--dataset {dataset_name}" + (f" --set config={config}" if config != "tiny-f4" else ""))
+        raise Incompatible(f"no autoencoder checkpoint at {path}.safetensors; train one with: diffbench train "
+                           f"--model vae --dataset DATASET (writes vae-DATASET)")
     weights, saved = load_checkpoint(path, device)
     m = saved["model"]
     net = AutoencoderKL(m["in_channels"], **VAE_CONFIGS[m["config"]])
     net.load_state_dict(weights)
-    return net.to(device).eval().requires_grad_(False), float(saved["scaling_factor"]), path.name
+    return net.to(device).eval().requires_grad_(False), float(saved["scaling_factor"])
 
 
 def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_weight: float = 1e-4, steps: int = 1000,
@@ -170,7 +169,7 @@ def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_we
         raise Incompatible(f"vae: unknown config {config!r}; valid: {', '.join(VAE_CONFIGS)}")
     x, _ = dataset.train_set()
     net = AutoencoderKL(x.shape[1], **VAE_CONFIGS[config])
-    out = Path(out).with_suffix("") if out else checkpoint_path(dataset.name, config)
+    out = Path(out).with_suffix("") if out else USER_CACHE / (f"vae-{dataset.name}" + ("" if config == "tiny-f4" else f"-{config}"))
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995,
                       checkpoint_every=250)
     record = {"dataset": dataset.name, "config": config, "in_channels": x.shape[1], "kl_weight": float(kl_weight)}
