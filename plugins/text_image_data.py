@@ -25,7 +25,7 @@ from diffbench_plugins.image_data import SHAPE_CLASSES, render_shapes
 COLOURS = {"red": (1.0, 0.2, 0.2), "green": (0.2, 0.9, 0.2), "blue": (0.25, 0.4, 1.0), "yellow": (1.0, 0.9, 0.2)}
 POSITIONS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
              "bottom right": (0.72, 0.72)}  # (x, y) centre as a fraction of the image side
-SIZES = {"small": (0.12, 0.17), "large": (0.21, 0.26)}  # half-extent range as a fraction of the side
+SIZES = {"small": (0.14, 0.18), "large": (0.22, 0.27)}  # half-extent range as a fraction of the side
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPE_CLASSES, "size": tuple(SIZES), "position": tuple(POSITIONS)}
 
 
