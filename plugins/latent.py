@@ -98,12 +98,15 @@ class LatentModelPlugin(ImageModelPlugin):
         return super().train(latent_view(dataset, autoencoder, scale), out, device=device, **options)
 
 
-LATENT_DEFAULTS = {"shapes": {"steps": 1500, "batch_size": 64, "lr": 2e-3},
-                   "shapes-text": {"steps": 1500, "batch_size": 64, "lr": 2e-3}}
+# On shapes, the pixel models' budgets (steps × batch of unet-shapes and dit-shapes), for a matched comparison.
 LDM_UNET = LatentModelPlugin(name="ldm-unet", configs=UNET_CONFIGS, build=build_unet, dataset_defaults={},
-                             fallback_config="ldm-tiny", train_defaults=LATENT_DEFAULTS)
+                             fallback_config="ldm-tiny",
+                             train_defaults={"shapes": {"steps": 1400, "batch_size": 32, "lr": 2e-3},
+                                             "shapes-text": {"steps": 1500, "batch_size": 64, "lr": 2e-3}})
 LDM_DIT = LatentModelPlugin(name="ldm-dit", configs=DIT_CONFIGS, build=build_dit, dataset_defaults={},
-                            fallback_config="DiT-tiny/2", train_defaults=LATENT_DEFAULTS)
+                            fallback_config="DiT-tiny/2",
+                            train_defaults={"shapes": {"steps": 700, "batch_size": 32, "lr": 1e-3},
+                                            "shapes-text": {"steps": 1500, "batch_size": 64, "lr": 2e-3}})
 
 
 @diffbench.hookimpl

@@ -162,8 +162,8 @@ UNET_CONFIGS = {
                  heads=2, groups=8, scale_shift=True),
     "tiny-8px": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                      heads=2, groups=8, scale_shift=True),
-    # ldm-unet on 8×8×4 latents: attention (and text cross-attention) at both resolutions.
-    "ldm-tiny": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8, 4),
+    # ldm-unet on 8×8×4 latents: self- and text cross-attention at 4×4 and in the middle.
+    "ldm-tiny": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                      heads=2, groups=8, scale_shift=True),
 }
 

@@ -87,7 +87,10 @@ class AutoencoderKL(nn.Module):
             ch = w
             if level < len(widths) - 1:
                 down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-        self.encoder = nn.Sequential(*down, middle(ch), head(ch, 2 * z_channels), nn.Conv2d(2 * z_channels, 2 * z_channels, 1))
+        moments = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)  # LDM's quant_conv: -> (mean, log-variance)
+        with torch.no_grad():  # start with σ ≈ 0.05: at σ = 1 the decoder first learns to ignore z (grey blobs)
+            moments.bias[z_channels:] = -6.0
+        self.encoder = nn.Sequential(*down, middle(ch), head(ch, 2 * z_channels), moments)
         up = [nn.Conv2d(z_channels, z_channels, 1), nn.Conv2d(z_channels, ch, 3, padding=1), middle(ch)]
         for level, w in reversed(list(enumerate(widths))):
             up.append(ResnetBlock(ch, w))
@@ -158,8 +161,8 @@ def load_autoencoder(name: str, device="cpu") -> tuple[AutoencoderKL, float]:
     return net.to(device).eval().requires_grad_(False), float(saved["scaling_factor"])
 
 
-def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_weight: float = 1e-4, steps: int = 1000,
-              batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True, **options) -> Path:
+def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_weight: float = 1e-4, steps: int = 800,
+              batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True, **options) -> Path:
     """Train on the dataset's training set; writes weights (float16) and {model, train, scaling_factor}."""
     if options:
         raise Incompatible(f"vae: unknown options {', '.join(options)}; valid: config, kl_weight, steps, batch_size, lr, seed")
@@ -189,6 +192,6 @@ def load_not_generative(dataset, **options):
 @diffbench.hookimpl
 def register_models(register):
     register(Model(name="vae", family="gaussian", load=load_not_generative, train=train_vae,
-                   options={"config": "tiny-f4", "kl_weight": 1e-4, "steps": 1000, "batch_size": 64, "lr": 2e-3},
+                   options={"config": "tiny-f4", "kl_weight": 1e-4, "steps": 800, "batch_size": 32, "lr": 2e-3},
                    description="KL autoencoder (LDM AutoencoderKL style) for latent diffusion; train only "
                                "(diffbench train --model vae), its latents feed ldm-unet / ldm-dit"))
