@@ -4,7 +4,7 @@ Stable Diffusion ``AutoencoderKL`` (Rombach et al. 2022, §3 and App. G), small 
 Encoder: conv, then per level ResNet blocks and a stride-2 conv (factor 2^(levels−1)), a middle
 ResNet–self-attention–ResNet stage, GroupNorm-SiLU-conv to the mean and log-variance of a diagonal
 Gaussian q(z|x) with ``z_channels`` channels. The decoder mirrors it with nearest upsampling.
-Loss: L1 reconstruction (LDM's pixel term, without its perceptual and GAN terms) plus
+Loss: squared reconstruction error (LDM uses L1 + perceptual + GAN terms; see :func:`vae_loss`) plus
 ``kl_weight`` · KL(q(z|x) ‖ N(0, I)) per latent element: a small weight, so q stays near
 deterministic and the latent space only loosely Gaussian.
 
@@ -25,7 +25,7 @@ from torch import nn
 import diffbench
 from diffbench.checkpoints import load_checkpoint, save_checkpoint
 from diffbench.nn.attention import attention
-from diffbench.nn.layers import group_norm, zero_module
+from diffbench.nn.layers import zero_module
 from diffbench.registry import Incompatible, Model
 from diffbench.training import TrainConfig, half_precision_weights, train
 
@@ -38,13 +38,21 @@ VAE_CONFIGS = {
 }
 
 
+def norm(channels: int) -> nn.Module:
+    """Where LDM puts GroupNorm(32), none: on a flat-coloured shape on black, a feature map is
+    colour × mask, and a per-sample normalisation divides the colour out (it erases the amplitude
+    the decoder must reproduce; the untrained-for-colour VAE gave grey shapes). Shallow enough
+    to train without it."""
+    return nn.Identity()
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with a residual (LDM's ResnetBlock without the time embedding)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.body = nn.Sequential(group_norm(cin, 8), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                  group_norm(cout, 8), nn.SiLU(), zero_module(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.body = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  norm(cout), nn.SiLU(), zero_module(nn.Conv2d(cout, cout, 3, padding=1)))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -56,7 +64,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = group_norm(channels, 8)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -71,7 +79,7 @@ def middle(ch: int) -> nn.Sequential:
 
 
 def head(ch: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(group_norm(ch, 8), nn.SiLU(), nn.Conv2d(ch, cout, 3, padding=1))
+    return nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cout, 3, padding=1))
 
 
 class AutoencoderKL(nn.Module):
@@ -108,12 +116,14 @@ class AutoencoderKL(nn.Module):
 
 
 def vae_loss(model: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """L1(x, decode(z)) + kl_weight · KL(N(μ, σ²) ‖ N(0, I)), z = μ + σ ε (reparameterisation,
-    Kingma & Welling 2014); both terms averaged per element."""
+    """MSE(x, decode(z)) + kl_weight · KL(N(μ, σ²) ‖ N(0, I)), z = μ + σ ε (reparameterisation,
+    Kingma & Welling 2014); both terms averaged per element. Squared error, not LDM's L1: on images
+    that are ~95% black, L1's unit-size sign gradients on tiny background errors drown the colour
+    errors of the shape (the L1-trained VAE reconstructed every shape grey)."""
     mean, logvar = model.encode(x)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=x.device)
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar)
-    return (model.decode(z) - x).abs().mean() + kl_weight * kl.mean()
+    return ((model.decode(z) - x) ** 2).mean() + kl_weight * kl.mean()
 
 
 @torch.no_grad()
