@@ -24,6 +24,7 @@ import torch
 import diffbench
 from diffbench.data import DataSource
 from diffbench.process import make_process
+from diffbench.registry import Incompatible
 from diffbench_plugins.dit import DIT_CONFIGS, build_dit
 from diffbench_plugins.image_model import ImageModelPlugin
 from diffbench_plugins.text_encoder import TextConditioned
@@ -60,6 +61,9 @@ def latent_view(dataset: DataSource, autoencoder, scaling_factor: float) -> Data
 
     c, h, w = dataset.shape
     f = autoencoder.factor
+    if c != autoencoder.in_channels or h % f or w % f:
+        raise Incompatible(f"the autoencoder takes {autoencoder.in_channels}-channel images with sides divisible by {f}; "
+                           f"{dataset.name!r} has {'×'.join(map(str, dataset.shape))}")
     return DataSource(name=dataset.name, modality="image", shape=(autoencoder.z_channels, h // f, w // f),
                       draw=training_latents, num_classes=dataset.num_classes, info=dataset.info)
 

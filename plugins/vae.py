@@ -87,7 +87,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, in_channels: int = 3, *, channels: int = 32, channel_mult=(1, 2, 2), z_channels: int = 4):
         super().__init__()
-        self.z_channels, self.factor = z_channels, 2 ** (len(channel_mult) - 1)
+        self.in_channels, self.z_channels, self.factor = in_channels, z_channels, 2 ** (len(channel_mult) - 1)
         widths = [channels * m for m in channel_mult]
         down, ch = [nn.Conv2d(in_channels, channels, 3, padding=1)], channels
         for level, w in enumerate(widths):
