@@ -145,6 +145,8 @@ class Generated:
     warmup_s: float = 0.0  # the warm-up run (with compile / CUDA graphs: includes compilation and capture)
     batches: list[range] = field(default_factory=list)
     samples_per_s: float = 0.0  # first batch; summed over ranks when shares are merged
+    decode_s: float | None = None  # latent models: median seconds to decode one batch
+    decoder_info: dict | None = None  # latent models: the autoencoder and scaling factor
 
     def cpu(self) -> "Generated":
         labels = None if self.labels is None else self.labels.cpu()
@@ -348,10 +350,21 @@ class GridRunner:
         if hasattr(denoiser, "bind_timesteps"):  # guidance that needs the sampler's grid (cfg++)
             denoiser.bind_timesteps(timesteps)
 
+        # Latent models (plugins/latent.py) carry a decoder: samplers see latents of its shape and the
+        # samples are decoded to images before the metrics, timed apart from sampling.
+        decoder = getattr(base, "decoder", None)
+        shape = decoder.latent_shape if decoder is not None else dataset.shape
+
         def sample(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-            out = _call(sampler, generate, denoiser, sampler.fn, timesteps, indices, dataset.shape,
+            out = _call(sampler, generate, denoiser, sampler.fn, timesteps, indices, shape,
                         seed=self.config.seed, device=self.device, **options)
             return out.x_T, check_sample_output(sampler, out.samples, out.x_T)
+
+        def decode(out: tuple[torch.Tensor, torch.Tensor], decode_times: list[float]):
+            if decoder is None:
+                return out
+            with wall_timer(self.device, decode_times):
+                return out[0], _call(self.registry.get("models", cell.model.name), decoder, out[1])
 
         bs = self._batch_size()
         batches = self.shard.batches(self.config.num_samples, bs)  # the first is timed
@@ -361,32 +374,38 @@ class GridRunner:
         # batch's shapes, so that compilation and capture happen here (reported as compile_s).
         warmup = []
         with wall_timer(self.device, warmup):
-            sample(range(bs if self.config.fast_path.fixed_shapes else min(WARMUP_SAMPLES, bs)))
-        times, model_times, first = [], [], None
+            decode(sample(range(bs if self.config.fast_path.fixed_shapes else min(WARMUP_SAMPLES, bs))), [])
+        times, model_times, decode_times, first = [], [], [], None
         for _ in range(self.config.repeats):
             denoiser.stats.reset()
             with wall_timer(self.device, times):
                 out = sample(batches[0])
+            out = decode(out, decode_times)  # timed apart: wall_s is sampling only
             model_times.append(denoiser.stats.model_time())
             first = first or (out, denoiser.stats.nfe)
         (x_T0, samples0), nfe = first
-        rest = [sample(batch) for batch in batches[1:]]
+        rest = [decode(sample(batch), []) for batch in batches[1:]]
         x_T = torch.cat([x_T0] + [r[0] for r in rest])
         samples = torch.cat([samples0] + [r[1] for r in rest])
         wall, wall_std = summarize(times)
         indices = [i for batch in batches for i in batch]
         generated = Generated(samples, x_T, class_labels(denoiser, indices, self.device), nfe, wall, wall_std,
-                              summarize(model_times)[0], warmup[0], batches, len(batches[0]) / wall)
+                              summarize(model_times)[0], warmup[0], batches, len(batches[0]) / wall,
+                              summarize(decode_times)[0] if decoder is not None else None,
+                              decoder.info if decoder is not None else None)
         return generated.cpu() if self.shard.world_size > 1 else generated
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
         """Timings are per batch of ``batch_size`` samples (median over ``repeats``) on one device;
         samples_per_s is summed over ranks under torchrun."""
-        return {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
-                "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps,
-                "samples_per_s": g.samples_per_s,
-                # compile_s: what the warm-up run took over a timed run (compilation, graph capture).
-                "compile_s": g.warmup_s - g.wall_s if self.config.fast_path.fixed_shapes else None}
+        columns = {"nfe": g.nfe, "wall_s": g.wall_s, "wall_std_s": g.wall_std_s, "step_ms": 1e3 * g.wall_s / steps,
+                   "overhead_ms": 1e3 * (g.wall_s - g.model_s) / steps,
+                   "samples_per_s": g.samples_per_s,
+                   # compile_s: what the warm-up run took over a timed run (compilation, graph capture).
+                   "compile_s": g.warmup_s - g.wall_s if self.config.fast_path.fixed_shapes else None}
+        if g.decode_s is not None:  # latent models: wall_s is sampling only; decoding one batch apart
+            columns |= {"decode_ms": 1e3 * g.decode_s, **g.decoder_info}
+        return columns
 
     def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
         key = cell.dataset.label  # the label: one dataset with two option sets is two references

@@ -28,15 +28,16 @@ from diffbench.training import TrainConfig, sample_train_times, train
 
 
 class ConvClassifier(nn.Module):
-    """x [B, C, H, W] (in [-1, 1]) -> logits [B, K]; ``features(x)`` -> [B, 4·width].
+    """x [B, C, H, W] (in [-1, 1]) -> logits [B, K]; ``features(x)`` -> [B, 4·width·pool²].
 
     Three conv stages (width, 2·width, 4·width channels; 2× average pooling between them), then
-    global average pooling. With ``process`` given, a sinusoidal embedding of the diffusion time
-    is added after every conv (noise-conditional classifier)."""
+    average pooling over a ``pool`` × ``pool`` grid (1: global; 2 keeps which quadrant a feature is
+    in). With ``process`` given, a sinusoidal embedding of the diffusion time is added after every
+    conv (noise-conditional classifier)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, process=None):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, process=None, pool: int = 1):
         super().__init__()
-        self.process = process
+        self.process, self.pool = process, pool
         widths = (width, width, 2 * width, 2 * width, 4 * width)
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
@@ -46,7 +47,7 @@ class ConvClassifier(nn.Module):
             self.norms.append(group_norm(w, 8))
             cin = w
         self.time = (nn.ModuleList(nn.Linear(64, w) for w in widths) if process is not None else None)
-        self.head = nn.Linear(cin, num_classes)
+        self.head = nn.Linear(cin * pool * pool, num_classes)
 
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         temb = timestep_embedding(time_input(self.process, t), 64) if self.time is not None else None  # [B, 64]
@@ -58,7 +59,7 @@ class ConvClassifier(nn.Module):
             h = F.silu(norm(h))
             if i in (1, 3) and h.shape[-1] > 2:  # 2× downsampling after stages 1 and 2
                 h = F.avg_pool2d(h, 2)
-        return h.mean(dim=(2, 3))  # [B, 4·width]
+        return F.adaptive_avg_pool2d(h, self.pool).flatten(1)  # [B, 4·width·pool²]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.features(x, t))
@@ -72,7 +73,7 @@ def load_classifier(name: str, device="cpu", checkpoint: str | Path = "") -> Con
     weights, config = load_checkpoint(path, device)
     m = config["model"]
     process = make_process(m["process"]) if m.get("process") else None
-    net = ConvClassifier(m["in_channels"], m["num_classes"], m["width"], process)
+    net = ConvClassifier(m["in_channels"], m["num_classes"], m["width"], process, m.get("pool", 1))
     net.load_state_dict(weights)
     return net.to(device).eval().requires_grad_(False)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import diffbench
-from diffbench.nn.attention import attention
+from diffbench.nn.attention import CrossAttention, attention
 from diffbench.nn.embeddings import time_input
 from diffbench.nn.layers import TimeClassEmbedding, modulate, zero_module
 from diffbench_plugins.image_model import ImageModelPlugin
@@ -32,11 +32,14 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose LayerNorms are modulated by the conditioning (adaLN) and
-    whose residual branches are gated by a zero-initialised scale (adaLN-Zero, §3.2)."""
+    whose residual branches are gated by a zero-initialised scale (adaLN-Zero, §3.2). With
+    ``context_dim`` > 0, cross-attention to the text tokens sits between self-attention and the MLP,
+    unmodulated, as in PixArt-α (Chen et al. 2023, §2.3)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0):
         super().__init__()
         self.heads = heads
+        self.cross = CrossAttention(hidden, context_dim, heads) if context_dim else None
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
@@ -45,13 +48,15 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
         self.adaLN_modulation = zero_module(nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden)))
 
-    def forward(self, x, c):
-        b, n, d = x.shape  # x [B, N, D], c [B, D]
+    def forward(self, x, c, context=None):
+        b, n, d = x.shape  # x [B, N, D], c [B, D], context [B, M, context_dim] | None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         qkv = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa))  # [B, N, 3D]
         q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # each [B, H, N, D/H]
         attn = attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # [B, N, D]
         x = x + gate_msa[:, None] * self.proj(attn)
+        if self.cross is not None:
+            x = x + self.cross(x, context)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -72,7 +77,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, input_size: int, process, *, patch: int = 2, hidden: int = 1152,
                  depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 learn_sigma: bool = False):
+                 learn_sigma: bool = False, context_dim: int = 0):
         super().__init__()
         if input_size % patch:
             raise ValueError(f"DiT: input size {input_size} is not divisible by patch size {patch}")
@@ -82,7 +87,7 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.embed = TimeClassEmbedding(256, hidden, num_classes)  # DiT's t_embedder + y_embedder
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)  # [1, N, D]
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, patch, self.out_channels)
         self._init_weights()
 
@@ -105,11 +110,11 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, c)  # [B, gh, gw, p, p, C]
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)  # [B, C, H, W]
 
-    def forward(self, x, t, cond=None):
+    def forward(self, x, t, cond=None, context=None):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D], N = (H/p)²
         c = self.embed(time_input(self.process, t), cond)  # [B, D]
         for block in self.blocks:
-            h = block(h, c)  # [B, N, D]
+            h = block(h, c, context)  # [B, N, D]
         out = self.unpatchify(self.final_layer(h, c))  # [B, C_out, H, W]
         return out[:, : self.in_channels] if self.out_channels != self.in_channels else out
 
@@ -124,8 +129,10 @@ DIT_CONFIGS |= {
 }
 
 
-def build_dit(config: str, in_channels: int, resolution: int, process, num_classes: int, learn_sigma: bool = False) -> DiT:
-    return DiT(in_channels, resolution, process, num_classes=num_classes, learn_sigma=learn_sigma, **DIT_CONFIGS[config])
+def build_dit(config: str, in_channels: int, resolution: int, process, num_classes: int, learn_sigma: bool = False,
+              context_dim: int = 0) -> DiT:
+    return DiT(in_channels, resolution, process, num_classes=num_classes, learn_sigma=learn_sigma,
+               context_dim=context_dim, **DIT_CONFIGS[config])
 
 
 DIT_PLUGIN = ImageModelPlugin(

@@ -41,6 +41,14 @@ def draw_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, to
     cx = r + (size - 2 * r) * torch.rand(n, generator=g)
     cy = r + (size - 2 * r) * torch.rand(n, generator=g)
     colour = 0.25 + 0.75 * torch.rand(n, 3, generator=g)
+    return render_shapes(labels, r, cx, cy, colour, size), labels
+
+
+def render_shapes(shape: torch.Tensor, r: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, colour: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """[n, 3, size, size] in [-1, 1]: shape[i] (an index into SHAPE_CLASSES) of half-extent r[i] pixels
+    centred at (cx[i], cy[i]), filled with colour[i] (RGB in [0, 1]) on black."""
+    n = len(shape)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     dx = coords[None, None, :] - cx[:, None, None]  # [n, 1, W]
     dy = coords[None, :, None] - cy[:, None, None]  # [n, H, 1]
@@ -51,9 +59,9 @@ def draw_shapes(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, to
         (dy <= 0.8 * r_) & (dx.abs() <= 0.58 * (dy + r_)),  # triangle, apex up
         ((dx.abs() <= r_ / 3) & (dy.abs() <= r_)) | ((dy.abs() <= r_ / 3) & (dx.abs() <= r_)),  # cross
     ], dim=1)  # [n, 4, H, W]
-    mask = masks[torch.arange(n), labels].float()  # [n, H, W]
+    mask = masks[torch.arange(n), shape].float()  # [n, H, W]
     images = mask[:, None] * colour[:, :, None, None]  # [n, 3, H, W] in [0, 1]
-    return images * 2 - 1, labels
+    return images * 2 - 1
 
 
 def load_shapes(num: int = 5000, size: int = 32, seed: int = 0) -> DataSource:

@@ -239,6 +239,9 @@ def compute_class_acc(samples, ctx: MetricContext, ci_rounds: int = 100):
     if ctx.labels is None:
         raise Incompatible("class-acc needs class-conditional samples (the model is unconditional)")
     net = load_classifier(f"{ctx.dataset.name}-cnn", ctx.device)
+    if net.head.out_features != ctx.dataset.num_classes:  # e.g. shapes-text's attribute heads (caption-acc)
+        raise Incompatible(f"class-acc: {ctx.dataset.name}-cnn has {net.head.out_features} outputs, the dataset "
+                           f"{ctx.dataset.num_classes} classes")
     x = to_uint8(samples).float() / 127.5 - 1  # classify what an image file would hold
     preds = torch.cat([net(x[i:i + 512].to(ctx.device)).argmax(1).cpu() for i in range(0, len(x), 512)])
     correct = (preds == ctx.labels.cpu()).double()  # [N]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import diffbench
-from diffbench.nn.attention import attention
+from diffbench.nn.attention import CrossAttention, attention
 from diffbench.nn.embeddings import time_input
 from diffbench.nn.layers import TimeClassEmbedding, group_norm, zero_module
 from diffbench_plugins.image_model import ImageModelPlugin
@@ -63,18 +63,37 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class TextAttentionBlock(nn.Module):
+    """Cross-attention from the H·W positions to text tokens, residual (the cross-attention layer of
+    LDM's SpatialTransformer, Rombach et al. 2022 §3.3): x [B, C, H, W], context [B, M, context_dim]."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.cross = CrossAttention(channels, context_dim, heads)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, H·W, C]
+        return x + self.cross(tokens, context).transpose(1, 2).reshape(b, c, h, w)
+
+
 class UNet(nn.Module):
-    """x [B, C, H, W], t [B] (process time), cond [B] | None -> [B, C, H, W]."""
+    """x [B, C, H, W], t [B] (process time), cond [B] | None -> [B, C, H, W]. With ``context_dim``
+    > 0, every attention layer is followed by cross-attention to ``context`` [B, M, context_dim]."""
 
     def __init__(self, in_channels: int, resolution: int, process, *, channels: int = 128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attention_resolutions=(16,), heads: int = 1, dropout: float = 0.0,
-                 groups: int = 32, scale_shift: bool = False, num_classes: int = 0):
+                 groups: int = 32, scale_shift: bool = False, num_classes: int = 0, context_dim: int = 0):
         super().__init__()
         self.process = process
         emb_dim = 4 * channels
         self.embed = TimeClassEmbedding(channels, emb_dim, num_classes)
         block = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout, groups, scale_shift)  # noqa: E731
-        attn = lambda c: AttentionBlock(c, heads, groups)  # noqa: E731
+
+        def attn(c):  # self-attention, then cross-attention to the text when there is one
+            return [AttentionBlock(c, heads, groups)] + ([TextAttentionBlock(c, context_dim, heads, groups)]
+                                                         if context_dim else [])
 
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -84,21 +103,21 @@ class UNet(nn.Module):
                 layers = [block(ch, mult * channels)]
                 ch = mult * channels
                 if res in attention_resolutions:
-                    layers.append(attn(ch))
+                    layers.extend(attn(ch))
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skip_channels.append(ch)
                 res //= 2
-        self.middle = nn.ModuleList([block(ch, ch), attn(ch), block(ch, ch)])
+        self.middle = nn.ModuleList([block(ch, ch), *attn(ch), block(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = [block(ch + skip_channels.pop(), mult * channels)]
                 ch = mult * channels
                 if res in attention_resolutions:
-                    layers.append(attn(ch))
+                    layers.extend(attn(ch))
                 if level > 0 and i == num_res_blocks:
                     layers.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
                     res *= 2
@@ -106,21 +125,26 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
     @staticmethod
-    def _run(layers, h, emb):
+    def _run(layers, h, emb, context):
         for layer in layers:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, TextAttentionBlock):
+                h = layer(h, context)
+            else:
+                h = layer(h)
         return h
 
-    def forward(self, x, t, cond=None):
+    def forward(self, x, t, cond=None, context=None):
         emb = self.embed(time_input(self.process, t), cond)  # [B, 4·ch]
         h = self.stem(x)  # [B, ch, H, W]
         skips = [h]
         for layers in self.down:
-            h = self._run(layers, h, emb)
+            h = self._run(layers, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle, h, emb)  # [B, ch·mult[-1], H / 2^(levels-1), ...]
+        h = self._run(self.middle, h, emb, context)  # [B, ch·mult[-1], H / 2^(levels-1), ...]
         for layers in self.up:
-            h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)  # [B, C, H, W]
 
 
@@ -138,11 +162,14 @@ UNET_CONFIGS = {
                  heads=2, groups=8, scale_shift=True),
     "tiny-8px": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                      heads=2, groups=8, scale_shift=True),
+    # ldm-unet on 8×8×4 latents: self- and text cross-attention at 4×4 and in the middle.
+    "ldm-tiny": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                     heads=2, groups=8, scale_shift=True),
 }
 
 
-def build_unet(config: str, in_channels: int, resolution: int, process, num_classes: int) -> UNet:
-    return UNet(in_channels, resolution, process, num_classes=num_classes, **UNET_CONFIGS[config])
+def build_unet(config: str, in_channels: int, resolution: int, process, num_classes: int, context_dim: int = 0) -> UNet:
+    return UNet(in_channels, resolution, process, num_classes=num_classes, context_dim=context_dim, **UNET_CONFIGS[config])
 
 
 UNET_PLUGIN = ImageModelPlugin(

@@ -19,6 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from diffbench.nn.layers import zero_module
+
 BACKENDS = ("triton", "sdpa", "math")
 _backend = "sdpa"
 _warned_triton_fallback = False
@@ -100,3 +102,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         if kernel is not None:
             return kernel(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+class CrossAttention(torch.nn.Module):
+    """Multi-head cross-attention (LDM's SpatialTransformer, PixArt-α's text blocks): queries from
+    the image tokens x [B, N, dim], keys and values from a context [B, M, context_dim] (text tokens),
+    through :func:`attention` so every backend, the Triton kernel's Lq ≠ Lk path included, serves
+    it. The output projection starts at zero, so a new block starts as the identity branch."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(context_dim, 2 * dim)
+        self.proj = zero_module(torch.nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        (b, n, d), m = x.shape, context.shape[1]
+        q = self.q(x).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # [B, H, N, D/H]
+        k, v = self.kv(context).reshape(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, M, D/H]
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(b, n, d))  # [B, N, dim]
