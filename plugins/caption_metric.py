@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import diffbench
+from diffbench.checkpoints import training_output
 from diffbench.metrics import MetricContext
 from diffbench.registry import Incompatible, Metric
 from diffbench.training import TrainConfig, train
-from diffbench_plugins.classifier import SHIPPED, ConvClassifier, load_classifier
+from diffbench_plugins.classifier import ConvClassifier, load_classifier
 from diffbench_plugins.image_data import to_uint8
 from diffbench_plugins.text_image_data import ATTRIBUTES, attribute_indices, draw_captioned_shapes, load_shapes_text
 
@@ -57,7 +58,7 @@ def train_attribute_classifier(dataset, *, steps: int = 400, batch_size: int = 6
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=0.99, checkpoint_every=10**9)
     record = {"dataset": dataset.name, "in_channels": x.shape[1], "num_classes": sum(HEAD_SIZES), "width": width,
               "process": None, "pool": 2, "heads": dict(zip(ATTRIBUTES, HEAD_SIZES))}
-    out = out or SHIPPED / f"{dataset.name}-cnn"
+    out = training_output(f"{dataset.name}-cnn", out)  # the user cache unless out (e.g. the shipped folder)
     train(net, attribute_loss, x, labels, out, record, cfg)
     return out
 

@@ -16,6 +16,7 @@ import math
 import torch
 
 import diffbench
+from diffbench.checkpoints import find_checkpoint
 from diffbench.denoiser import Denoiser, append_dims
 from diffbench.registry import Guidance, Incompatible, Option
 
@@ -256,14 +257,14 @@ def apply_autoguidance(denoiser, scale=2.0, guide: str = "", sigma_min=0.0, sigm
     """``guide`` is a model reference (e.g. ``unet[checkpoint=path/to/weak]``); default: the same
     model with the shipped under-trained checkpoint ``<model>-<dataset>-weak``."""
     from diffbench.plugins import build_registry
-    from diffbench_plugins.unet import SHIPPED
 
     dataset = getattr(denoiser, "dataset_name", "")
     if not isinstance(denoiser, Denoiser) or not dataset:
         raise Incompatible("autoguidance needs an image model that knows its dataset")
-    weak_path = SHIPPED / f"{denoiser.name}-{dataset}-weak"
-    if not guide and not weak_path.with_suffix(".safetensors").is_file():
-        raise Incompatible(f"autoguidance: no weak checkpoint {weak_path.name} for {denoiser.name!r}; option guide=MODEL")
+    weak_name = f"{denoiser.name}-{dataset}-weak"
+    weak_path = find_checkpoint(weak_name)
+    if not guide and weak_path is None:
+        raise Incompatible(f"autoguidance: no weak checkpoint {weak_name} for {denoiser.name!r}; option guide=MODEL")
     registry = build_registry()
     ref = registry.resolve("models", guide or f"{denoiser.name}[checkpoint={weak_path}]")
     source = registry.get("datasets", dataset)

@@ -22,14 +22,12 @@ import torch
 from torch import nn
 
 import diffbench
-from diffbench.checkpoints import load_checkpoint, save_checkpoint
+from diffbench.checkpoints import checkpoint_name, load_checkpoint, locate_checkpoint, save_checkpoint, training_output
 from diffbench.nn.attention import attention
 from diffbench.nn.layers import zero_module
 from diffbench.registry import Incompatible, Model
 from diffbench.training import TrainConfig, half_precision_weights, train
 
-SHIPPED = Path(__file__).parent / "checkpoints"
-USER_CACHE = Path.home() / ".cache" / "diffbench" / "checkpoints"
 VAE_CONFIGS = {
     "tiny-f4": dict(channels=16, channel_mult=(1, 2, 2), z_channels=4),  # 32×32×3 -> 8×8×4
     "small-f4": dict(channels=64, channel_mult=(1, 2, 2), z_channels=4),
@@ -147,22 +145,11 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / float(((x - y) ** 2).mean()))
 
 
-def checkpoint_path(name: str) -> Path:
-    """A checkpoint name (``vae-shapes``: the user cache first, then the shipped folder) or a path."""
-    if "/" in name:
-        return Path(name).with_suffix("")
-    for root in (USER_CACHE, SHIPPED):
-        if (root / f"{name}.safetensors").exists():
-            return root / name
-    return USER_CACHE / name
-
-
 def load_autoencoder(name: str, device="cpu") -> tuple[AutoencoderKL, float]:
     """(autoencoder, latent scaling factor); Incompatible with the train command if missing."""
-    path = checkpoint_path(name)
-    if not path.with_suffix(".safetensors").exists():
-        raise Incompatible(f"no autoencoder checkpoint at {path}.safetensors; train one with: diffbench train "
-                           f"--model vae --dataset DATASET (writes vae-DATASET)")
+    explicit = "/" in name  # a path rather than a checkpoint name (vae-shapes: user cache, then shipped)
+    path = locate_checkpoint(name, explicit=name if explicit else "",
+                             train_hint="diffbench train --model vae --dataset DATASET (writes vae-DATASET)")
     weights, saved = load_checkpoint(path, device)
     m = saved["model"]
     net = AutoencoderKL(m["in_channels"], **VAE_CONFIGS[m["config"]])
@@ -181,7 +168,7 @@ def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_we
         raise Incompatible(f"vae: unknown config {config!r}; valid: {', '.join(VAE_CONFIGS)}")
     x, _ = dataset.train_set()
     net = AutoencoderKL(x.shape[1], **VAE_CONFIGS[config])
-    out = Path(out).with_suffix("") if out else USER_CACHE / (f"vae-{dataset.name}" + ("" if config == "tiny-f4" else f"-{config}"))
+    out = training_output(checkpoint_name("vae", dataset.name, {"config": config}, {"config": "tiny-f4"}), out)
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed), ema_decay=0.995,
                       checkpoint_every=250)
     record = {"dataset": dataset.name, "config": config, "in_channels": x.shape[1], "kl_weight": float(kl_weight)}

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from diffbench.checkpoints import checkpoint_files, find_checkpoint  # noqa: E402
 from diffbench.grid import build_config  # noqa: E402
 from diffbench.metrics import MetricContext  # noqa: E402
 from diffbench.plugins import build_registry  # noqa: E402
@@ -57,12 +58,10 @@ def reconstruction_table(n: int, cache: Path) -> pd.DataFrame:
 
 
 def training_budget(model: str, dataset: str) -> str:
-    from diffbench_plugins.image_model import SHIPPED
-
-    path = SHIPPED / f"{model}-{dataset}.json"
-    if not path.exists():
+    path = find_checkpoint(f"{model}-{dataset}")
+    if path is None:
         return "?"
-    train = json.loads(path.read_text())["train"]
+    train = json.loads(checkpoint_files(path)[1].read_text())["train"]
     return f"{train['steps']} × {train['batch_size']}"
 
 
