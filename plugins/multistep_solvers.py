@@ -23,17 +23,8 @@ import torch
 from numpy.polynomial import polynomial as P
 
 import diffbench
-from diffbench.registry import ConfigError, Incompatible, Sampler
-
-
-def _check(sampler: str, option: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{sampler}: {option} must be one of {', '.join(map(repr, valid))}, got {value!r}")
-
-
-def _report(callback, i, x, t, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "denoised": denoised})
+from diffbench.generate import report_step
+from diffbench.registry import Incompatible, Option, Sampler
 
 
 class _Grid:
@@ -115,9 +106,6 @@ def sample_unipc(denoiser, x, timesteps, *, generator=None, callback=None, order
     output at the predicted x_t before the next predictor uses it (one NFE per step). Orders warm
     up (≤ i + 1) and, with ``lower_order_final``, fall to ≤ steps − i at the end (diffusers'
     UniPCMultistepScheduler). Expected order: ``order`` + 1 with the corrector, ``order`` without."""
-    _check("unipc", "order", order, (1, 2, 3))
-    _check("unipc", "variant", variant, ("bh1", "bh2"))
-    _check("unipc", "prediction", prediction, ("data", "noise"))
     grid = _Grid(denoiser, timesteps, prediction == "data")
     steps = len(timesteps) - 1
     history, previous = [], None  # [(grid index, m)] newest first; (x, order) before the last predictor
@@ -129,7 +117,7 @@ def sample_unipc(denoiser, x, timesteps, *, generator=None, callback=None, order
         k = min(order, i + 1, steps - i if lower_order_final else order)
         previous = (x, k)
         x = x0 if grid.sigma[i + 1] == 0 else _unipc_update(grid, x, i, i + 1, history[:k], variant)
-        _report(callback, i, x, timesteps[i], x0)
+        report_step(callback, i, x, timesteps[i], timesteps[i + 1], x0)
     return x
 
 
@@ -187,7 +175,6 @@ def sample_deis(denoiser, x, timesteps, *, generator=None, callback=None, order=
     extrapolated by the Lagrange polynomial through the last ``order`` outputs in log ρ = −λ and
     x/α integrated exactly, x_t/α_t = x_s/α_s + ∫_{ρ_s}^{ρ_t} ε̂ dρ (diffusers' "logrho" DEIS).
     Orders warm up and, below 15 steps with ``lower_order_final``, fall at the end."""
-    _check("deis", "order", order, (1, 2, 3))
     grid = _Grid(denoiser, timesteps, data_prediction=False)
     steps = len(timesteps) - 1
     history = []
@@ -196,7 +183,7 @@ def sample_deis(denoiser, x, timesteps, *, generator=None, callback=None, order=
         history = [(i, m)] + history[: order - 1]
         k = min(order, i + 1, steps - i if lower_order_final and steps < 15 else order)
         x = x0 if grid.sigma[i + 1] == 0 else _stochastic_adams_update(grid, x, i, i + 1, history[:k], 0.0, None)
-        _report(callback, i, x, timesteps[i], x0)
+        report_step(callback, i, x, timesteps[i], timesteps[i + 1], x0)
     return x
 
 
@@ -209,11 +196,6 @@ def sample_sa_solver(denoiser, x, timesteps, *, generator, callback=None, predic
     σ/α at the step's start is in [tau_sigma_min, tau_sigma_max] and 0 elsewhere (the defaults
     ≈ diffusers' τ = 1 for t ∈ [200, 800] on the linear VP schedule); τ = 0 is a deterministic
     Adams PC solver of order min(predictor_order + 1, corrector_order)."""
-    _check("sa-solver", "predictor_order", predictor_order, (1, 2, 3))
-    _check("sa-solver", "corrector_order", corrector_order, (1, 2, 3, 4))
-    _check("sa-solver", "prediction", prediction, ("data", "noise"))
-    if not (isinstance(tau, (int, float)) and tau >= 0):
-        raise ConfigError(f"sa-solver: tau must be a number >= 0, got {tau!r}")
     grid = _Grid(denoiser, timesteps, prediction == "data")
     noise_level = [s / a for a, s in zip(grid.alpha, grid.sigma)]
     taus = [tau if tau_sigma_min <= level <= tau_sigma_max else 0.0 for level in noise_level]
@@ -236,22 +218,24 @@ def sample_sa_solver(denoiser, x, timesteps, *, generator, callback=None, predic
             x = x0
         else:
             x = _stochastic_adams_update(grid, x, i, i + 1, history[:k_p], taus[i], noise, data)
-        _report(callback, i, x, timesteps[i], x0)
+        report_step(callback, i, x, timesteps[i], timesteps[i + 1], x0)
     return x
 
 
 @diffbench.hookimpl
 def register_samplers(register):
+    prediction = Option("data", choices=("data", "noise"))  # the model output the solver extrapolates
     register(Sampler(name="unipc", family="gaussian", fn=sample_unipc, primary="order", spacing="uniform-logsnr",
-                     options={"order": 2, "variant": "bh2", "prediction": "data", "corrector": True,
-                              "lower_order_final": True},
+                     options={"order": Option(2, choices=(1, 2, 3)), "variant": Option("bh2", choices=("bh1", "bh2")),
+                              "prediction": prediction, "corrector": True, "lower_order_final": True},
                      description="UniPC, Zhao et al. 2023 (order 1-3, variant bh1/bh2, data/noise prediction; "
                                  "NFE = steps)"))
     register(Sampler(name="deis", family="gaussian", fn=sample_deis, primary="order", spacing="uniform-logsnr",
-                     options={"order": 2, "lower_order_final": True},
+                     options={"order": Option(2, choices=(1, 2, 3)), "lower_order_final": True},
                      description="DEIS tAB in log rho, Zhang & Chen 2023 (order 1-3; ε-prediction)"))
     register(Sampler(name="sa-solver", family="gaussian", fn=sample_sa_solver, primary="tau",
                      spacing="uniform-logsnr",
-                     options={"predictor_order": 2, "corrector_order": 2, "tau": 1.0, "tau_sigma_min": 0.72,
-                              "tau_sigma_max": 25.8, "prediction": "data", "lower_order_final": True},
+                     options={"predictor_order": Option(2, choices=(1, 2, 3)), "corrector_order": Option(2, choices=(1, 2, 3, 4)),
+                              "tau": Option(1.0, min=0.0), "tau_sigma_min": Option(0.72, min=0.0),
+                              "tau_sigma_max": Option(25.8, min=0.0), "prediction": prediction, "lower_order_final": True},
                      description="SA-Solver, Xue et al. 2023 (stochastic Adams PC; tau=0 is an ODE solver)"))
