@@ -58,6 +58,8 @@ class ImageModelPlugin:
     dataset_defaults: dict  # dataset name -> default config name
     fallback_config: str
     train_defaults: dict  # dataset name -> TrainConfig keyword overrides
+    # The datasets it runs on when nobody names any (Model.datasets); empty: those its checkpoints cover.
+    run_datasets: tuple[str, ...] = ()
 
     def options(self) -> dict:
         return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": "",
@@ -144,4 +146,4 @@ class ImageModelPlugin:
 
     def register(self, register, description: str):
         register(Model(name=self.name, family="gaussian", load=self.load, train=self.train,
-                       options=self.options(), description=description))
+                       options=self.options(), datasets=self.run_datasets, description=description))

@@ -38,16 +38,17 @@ def test_show_config_names_the_source_of_every_value(tmp_path, monkeypatch):
     assert "mlp: checkerboard, gmm-2d, mog-1d, moons, swiss-roll" in output and "5 cells" in output
 
 
-def test_datasets_default_per_model_to_what_their_checkpoints_cover(registry, tmp_path, monkeypatch):
+def test_datasets_default_per_model_to_what_they_declare_or_their_checkpoints_cover(registry, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    settings, _ = load_settings(None, {"models": "unet,dit,gmm-oracle", "samplers": "ddim,dpm", "steps": "10,50"})
+    settings, _ = load_settings(None, {"models": "unet,dit,gmm-oracle,mlp", "samplers": "ddim,dpm", "steps": "10,50"})
     config = build_config(registry, settings)
     pairs = sorted({(c.model.label, c.dataset.label) for c in config.cells()})
-    assert pairs == [("dit", "digits"), ("dit", "shapes"), ("gmm-oracle", "gmm-2d"), ("gmm-oracle", "mog-1d"),
-                     ("unet", "digits"), ("unet", "shapes")]
-    assert len(config.cells()) == 6 * 2 * 2
+    toy = ["checkerboard", "gmm-2d", "mog-1d", "moons", "swiss-roll"]  # mlp declares none: its checkpoints
+    assert pairs == [("dit", "digits"), ("gmm-oracle", "gmm-2d"), ("gmm-oracle", "mog-1d"),  # declared
+                     *[("mlp", d) for d in toy], ("unet", "digits")]
+    assert len(config.cells()) == 9 * 2 * 2
     named = build_config(registry, {**settings, "datasets": "moons"})  # named datasets: every model on them
-    assert {c.dataset.label for c in named.cells()} == {"moons"} and len(named.cells()) == 3 * 2 * 2
+    assert {c.dataset.label for c in named.cells()} == {"moons"} and len(named.cells()) == 4 * 2 * 2
 
 
 def test_a_model_without_checkpoints_asks_for_datasets(tmp_path, monkeypatch):
