@@ -39,6 +39,13 @@ class _GuidedDenoiser(Denoiser):
     def _base_x0(self, x, t, cond):
         return self.base.to_x0(x, t, self.raw(x, t, cond))
 
+    def cond_uncond_x0(self, x, t, cond):
+        """(x̂0(x, y), x̂0(x, ∅)) from ONE network call on [x; x] with labels [y; ∅]: one NFE."""
+        cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t2 = torch.cat([t, t]) if t.ndim == 1 else t
+        return self._base_x0(torch.cat([x, x]), t2, torch.cat([cond, torch.full_like(cond, self.null_class)])).chunk(2)
+
     def _in_interval(self, t, sigma_min: float, sigma_max: float) -> bool:
         """Whether the noise level σ/α at t (EDM's σ, comparable across processes) is in [σ_min, σ_max]."""
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -65,13 +72,9 @@ class CFGDenoiser(_GuidedDenoiser):
         # w = 1 is the conditional prediction alone: no unconditional half to compute.
         if cond is None or self.scale == 1 or not self._in_interval(t, self.sigma_min, self.sigma_max):
             return self._base_x0(x, t, cond)
-        cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
-        null = torch.full_like(cond, self.null_class)
         if self.scale == 0:  # w = 0 is the unconditional prediction alone
-            return self._base_x0(x, t, null)
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        x0_cond, x0_uncond = self._base_x0(torch.cat([x, x]), t2, torch.cat([cond, null])).chunk(2)
+            return self._base_x0(x, t, torch.full((x.shape[0],), self.null_class, device=x.device))
+        x0_cond, x0_uncond = self.cond_uncond_x0(x, t, cond)
         return x0_uncond + self.scale * (x0_cond - x0_uncond)
 
 
@@ -131,11 +134,8 @@ class _TwoPredictionGuidance(_GuidedDenoiser):
         self.step, self.last_t = 0, -math.inf  # the first call (t < -inf is false) is step 0
 
     def guide_x0(self, x, t, cond):
-        """(x̂0(x, y), x̂0(x, ∅)) from ONE network call on [x; x] with labels [y; ∅]."""
-        cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        return self._base_x0(torch.cat([x, x]), t2, torch.cat([cond, torch.full_like(cond, self.null_class)])).chunk(2)
+        """(x̂0(x, y), the guiding x̂0): by default the unconditional one, in the same network call."""
+        return self.cond_uncond_x0(x, t, cond)
 
     def __call__(self, x, t, cond=None):
         cond = self.cond if cond is None else cond
