@@ -41,7 +41,7 @@ def train_option_specs(model: Model) -> dict[str, Option]:
     keywords = {name: TRAINER_OPTIONS.get(name, Option(p.default)) for name, p in params.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "progress")}
     model_options = {k: v for k, v in model.specs.items() if takes_any or k in params}
-    return {**model_options, **keywords}
+    return {**keywords, **model_options}  # a model's declared spec (choices, range) beats a bare keyword default
 
 
 @dataclass

@@ -25,7 +25,7 @@ import diffbench
 from diffbench.checkpoints import checkpoint_name, load_checkpoint, locate_checkpoint, save_checkpoint, training_output
 from diffbench.nn.attention import attention
 from diffbench.nn.layers import zero_module
-from diffbench.registry import Incompatible, Model
+from diffbench.registry import Incompatible, Model, Option
 from diffbench.training import TrainConfig, half_precision_weights, train
 
 VAE_CONFIGS = {
@@ -164,8 +164,6 @@ def train_vae(dataset, out=None, *, device="cpu", config: str = "tiny-f4", kl_we
         raise Incompatible(f"vae: unknown options {', '.join(options)}; valid: config, kl_weight, steps, batch_size, lr, seed")
     if dataset.modality != "image":
         raise Incompatible(f"vae encodes images; {dataset.name!r} is {dataset.modality}")
-    if config not in VAE_CONFIGS:
-        raise Incompatible(f"vae: unknown config {config!r}; valid: {', '.join(VAE_CONFIGS)}")
     x, _ = dataset.train_set()
     net = AutoencoderKL(x.shape[1], **VAE_CONFIGS[config])
     out = training_output(checkpoint_name("vae", dataset.name, {"config": config}, {"config": "tiny-f4"}), out)
@@ -188,6 +186,7 @@ def load_not_generative(dataset, **options):
 @diffbench.hookimpl
 def register_models(register):
     register(Model(name="vae", family="gaussian", load=load_not_generative, train=train_vae,
-                   options={"config": "tiny-f4", "kl_weight": 1e-4, "steps": 800, "batch_size": 32, "lr": 2e-3},
+                   options={"config": Option("tiny-f4", choices=tuple(VAE_CONFIGS)), "kl_weight": Option(1e-4, min=0.0),
+                            "steps": Option(800, min=1), "batch_size": Option(32, min=1), "lr": Option(2e-3, min=0.0)},
                    description="KL autoencoder (LDM AutoencoderKL style) for latent diffusion; train only "
                                "(diffbench train --model vae), its latents feed ldm-unet / ldm-dit"))
