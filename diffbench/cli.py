@@ -153,7 +153,7 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
     rank, rank 0 writes the table, and --cell-timeout bounds every wait on another rank.
     """
     from diffbench.distributed import DistributedError, from_env
-    from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings
+    from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings, validate_models
     from diffbench.results import terminal_table
     from diffbench.runner import GridRunner, resolve_device
     from diffbench.worker import Supervisor
@@ -170,6 +170,7 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
             click.echo(f"\n{len(config.cells())} cells")
             return
         device = resolve_device(config.device)
+        validate_models(registry, config)
         datasets = load_datasets(registry, config)
         check_memory(config, datasets, *_available_memory(device))
         out = Path(out_dir) if out_dir else _default_out()

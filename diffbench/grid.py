@@ -7,6 +7,7 @@ When neither flags nor config name datasets, each model runs on its own default 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from urllib.parse import quote
@@ -29,6 +30,7 @@ DEFAULT_GRID = Path(__file__).with_name("default_grid.toml")
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("triton", "sdpa", "math")
+MAX_SLUG = 200  # characters of a cell's file name stem: suffixes (".safetensors", a temporary's) need the rest of 255
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,12 @@ def cell_slug(key) -> str:
     """A file-system-safe id of a cell key (model, sampler, guidance, dataset, steps) that keeps every
     character that tells cells apart, e.g. ``mlp__ddim[eta=1.0]__none__moons__10`` and
     ``unet__dpm-solver++__cfg[scale=3.0]__digits__10``; anything else (``/``, spaces, ``%``) is
-    percent-encoded, so two cells never share a file under samples/."""
-    return "__".join(quote(str(p), safe="+=,[]-.") for p in key)
+    percent-encoded, so two cells never share a file under samples/. A file name holds at most 255
+    bytes: a longer slug (a model path in its options) keeps its first characters and ends in a hash of the whole."""
+    slug = "__".join(quote(str(p), safe="+=,[]-.") for p in key)
+    if len(slug) <= MAX_SLUG:
+        return slug
+    return f"{slug[:MAX_SLUG - 17]}~{hashlib.sha256(slug.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -195,6 +201,19 @@ def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> D
     except (Exception, SystemExit) as exc:
         raise ConfigError(f"{where}: dataset {ref.label!r} (plugin {component.plugin}) could not load: "
                           f"{type(exc).__name__}: {exc}") from None
+
+
+def validate_models(registry: Registry, config: RunConfig) -> None:
+    """Every model's ``validate`` (the files it would load), before anything runs or is created: a
+    missing weights directory is bad input naming the model, not a failed cell per dataset."""
+    for ref in config.models:
+        component = registry.get("models", ref.name)
+        if component.validate is None:
+            continue
+        try:
+            component.validate(**registry.options("models", ref))
+        except ConfigError as exc:
+            raise ConfigError(f"run.models: {ref.label}: {exc}") from None
 
 
 def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource]:
