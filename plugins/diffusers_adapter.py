@@ -270,6 +270,13 @@ def fuse_qkv(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def from_pretrained(cls, folder: Path, allow_pickle: bool):
+    """A diffusers model from a local folder: safetensors unless ``allow_pickle``; without the optional
+    accelerate package the plain loading path, asked for outright (else diffusers warns on every load)."""
+    return cls.from_pretrained(str(folder), use_safetensors=not allow_pickle,
+                               low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device, batch_size: int = 64) -> torch.Tensor:
     """Prompts -> CLIP hidden states [len(prompts), L, D] exactly as StableDiffusionPipeline.encode_prompt:
@@ -322,10 +329,9 @@ def load_stable_diffusion(root: Path, dataset, *, device, prediction: str, allow
     from transformers import CLIPTextModel, CLIPTokenizer
 
     prompt_list = _prompts_for(dataset, prompts)
-    safetensors = not allow_pickle
-    unet = fuse_qkv(UNet2DConditionModel.from_pretrained(str(root / "unet"), use_safetensors=safetensors))
-    vae = AutoencoderKL.from_pretrained(str(root / "vae"), use_safetensors=safetensors)
-    text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), use_safetensors=safetensors)
+    unet = fuse_qkv(from_pretrained(UNet2DConditionModel, root / "unet", allow_pickle))
+    vae = from_pretrained(AutoencoderKL, root / "vae", allow_pickle)
+    text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), use_safetensors=not allow_pickle)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
     unet, vae, text_encoder = (m.to(device).eval() for m in (unet, vae, text_encoder))
     states = encode_prompts(tokenizer, text_encoder, prompt_list + [""], device)  # [K + 1, L, D]
@@ -356,7 +362,7 @@ def load_diffusers(dataset=None, *, device="cpu", path: str = "", subfolder: str
 
     classes = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
     model_dir = _single_model_dir(root, subfolder)
-    model = fuse_qkv(classes[class_name].from_pretrained(str(model_dir), use_safetensors=not allow_pickle))
+    model = fuse_qkv(from_pretrained(classes[class_name], model_dir, allow_pickle))
     model = model.to(device).eval()
     if dataset is not None and dataset.modality == "image":
         size = model.config.sample_size

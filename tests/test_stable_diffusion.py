@@ -22,8 +22,11 @@ from safetensors.torch import load_file
 
 from diffbench.cli import main
 from diffbench.generate import generate
+from diffbench.metrics import MetricContext
+from diffbench.registry import Incompatible
 from diffbench.results import load_rows
 from diffbench_plugins.guidance import CFGDenoiser
+from diffbench_plugins.image_metrics import compute_nll_bpd
 from diffbench_plugins.samplers import sample_ddim
 from diffbench_plugins.text_image_data import load_shapes_text
 
@@ -151,11 +154,17 @@ def test_sd_run_with_a_prompts_file_matches_the_pipeline(sd_dir, tmp_path):
 
 
 def test_sd_images_are_resized_to_the_datasets_size(sd_dir):
-    """16-px SD images against 32-px shapes-text: the metrics see 32 px; the row keeps decoded_size 16."""
-    den = load_diffusers(load_shapes_text(num=64, size=32), path=str(sd_dir))
+    """16-px SD images against 32-px shapes-text: the metrics see 32 px; the row keeps decoded_size 16.
+    The pixel likelihood bound does not apply to a latent model."""
+    dataset = load_shapes_text(num=64, size=32)
+    den = load_diffusers(dataset, path=str(sd_dir))
     images = den.decoder(torch.randn(2, *den.decoder.latent_shape))
     assert images.shape == (2, 3, 32, 32) and den.decoder.info["decoded_size"] == 16
     assert float(images.abs().max()) <= 1.0
+    ctx = MetricContext(dataset=dataset, reference=images, reference_labels=None, labels=None, denoiser=den,
+                        device=torch.device("cpu"), seed=0)
+    with pytest.raises(Incompatible, match="latent model"):
+        compute_nll_bpd(images, ctx)
 
 
 def _drop(name):
@@ -218,3 +227,13 @@ def test_a_long_model_path_gives_a_short_distinct_sample_file_name():
     slugs = [cell_slug(key) for key in keys]
     assert all(len(s) == MAX_SLUG for s in slugs) and slugs[0] != slugs[1]
     assert cell_slug(("unet", "ddim", "none", "digits", 10)) == "unet__ddim__none__digits__10"
+
+
+def test_without_transformers_an_sd_directory_is_bad_input(sd_dir, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    result = CliRunner().invoke(main, ["run", "--models", f"diffusers[path={sd_dir}]", "--samplers", "ddim",
+                                       "--steps", "2", "--datasets", "shapes-text"])
+    assert result.exit_code == 2 and "needs the transformers package" in result.output, result.output
