@@ -160,9 +160,9 @@ def _check_single_model(root: Path, subfolder: str, allow_pickle: bool) -> str:
     return class_name
 
 
-def _check_pipeline(root: Path, allow_pickle: bool) -> dict[str, dict]:
+def _check_pipeline(root: Path, allow_pickle: bool) -> None:
     """Every component of a Stable-Diffusion directory checked (class, files, weights, matching
-    sizes) from its JSON files alone; returns the components' configs."""
+    sizes) from its JSON files alone."""
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError("diffusers: a Stable-Diffusion directory needs the transformers package (its CLIPTextModel "
                           "and CLIPTokenizer); install it: pip install transformers")
@@ -190,7 +190,6 @@ def _check_pipeline(root: Path, allow_pickle: bool) -> dict[str, dict]:
         if ours != theirs:
             raise ConfigError(f"diffusers: {root}: components do not fit together: {what} = {ours} vs {theirs}")
     _scheduler_config(root, required=True)
-    return configs
 
 
 def read_prompts(file: str) -> list[str]:
@@ -280,11 +279,13 @@ def from_pretrained(cls, folder: Path, allow_pickle: bool):
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device, batch_size: int = 64) -> torch.Tensor:
     """Prompts -> CLIP hidden states [len(prompts), L, D] exactly as StableDiffusionPipeline.encode_prompt:
-    padded to the tokenizer's max length, truncated, the last hidden state (after the final LayerNorm)."""
+    padded to the tokenizer's max length, truncated, the last hidden state (after the final LayerNorm).
+    L is the text model's positions when the tokenizer has no max length (no tokenizer_config.json)."""
+    length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
     states = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
-                           max_length=tokenizer.model_max_length, return_tensors="pt")
+                           max_length=length, return_tensors="pt")
         mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
         states.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0])
     return torch.cat(states)
