@@ -111,6 +111,9 @@ def main():
 @click.option("--guidance", help="Comma-separated guidance, e.g. 'none,cfg:3.0'.")
 @click.option("--datasets", help="Comma-separated datasets, e.g. 'moons,gmm-2d'.")
 @click.option("--metrics", help="Comma-separated metrics, e.g. 'swd,logp'.")
+@click.option("--prompts", type=click.Path(dir_okay=False),
+              help="File of prompts, one a line, cycled over sample indices: the prompts option of every model "
+                   "that takes one (diffusers on a Stable-Diffusion directory; default: the dataset's captions).")
 @click.option("--num-samples", type=int, help="Samples per cell.")
 @click.option("--batch-size", type=int, help="Samples per batch (timings are per batch; 0 = all at once).")
 @click.option("--repeats", type=int, help="Timed repeats of the first batch (median reported).")

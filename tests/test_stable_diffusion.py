@@ -130,21 +130,23 @@ def test_sd_ddim_matches_the_diffusers_pipeline(sd_dir, tmp_path, scale, predict
 
 
 def test_sd_run_with_a_prompts_file_matches_the_pipeline(sd_dir, tmp_path):
-    """End to end: `diffbench run` with prompts from a file (cycled over sample indices), CFG 7.5,
-    --save-samples; the saved decoded images are the pipeline's from the saved x_T; the row records
-    the autoencoder, its scaling factor and decode_ms; caption-acc does not read the file's labels."""
+    """End to end: `diffbench run --prompts FILE` (cycled over sample indices; forwarded to the model's
+    prompts option), CFG 7.5, --save-samples; the saved decoded images are the pipeline's from the
+    saved x_T; the row records the autoencoder, its scaling factor and decode_ms; caption-acc does
+    not read the file's labels."""
     prompts = ["a red circle at the top left", "a large blue square"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    model = f"diffusers[path={sd_dir},prompts={tmp_path / 'prompts.txt'}]"
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
-        "run", "--models", model, "--samplers", "ddim[spacing=leading-offset]", "--guidance", "cfg:7.5",
+        "run", "--models", f"diffusers[path={sd_dir}]", "--prompts", str(tmp_path / "prompts.txt"),
+        "--samplers", "ddim[spacing=leading-offset]", "--guidance", "cfg:7.5",
         "--steps", str(STEPS), "--datasets", "shapes-text[size=16,num=64]", "--metrics", "caption-acc",
         "--num-samples", "3", "--repeats", "1", "--save-samples", "--in-process", "--quiet", "--no-report",
         "--out", str(out)])
     assert result.exit_code == 0, result.output
     (row,) = load_rows(out)[0]
     assert row["status"] == "ok", row["reason"]
+    assert row["model"] == f"diffusers[path={sd_dir},prompts={tmp_path / 'prompts.txt'}]"
     assert row["autoencoder"] == "AutoencoderKL (f=2)" and row["latent_scale"] == 0.18215 and row["decode_ms"] > 0
     assert "caption-acc[seen]" not in row  # labels index the prompts file, not shapes-text's attributes
     saved = load_file(next((out / "samples").glob("*.safetensors")))
@@ -237,3 +239,10 @@ def test_without_transformers_an_sd_directory_is_bad_input(sd_dir, monkeypatch):
     result = CliRunner().invoke(main, ["run", "--models", f"diffusers[path={sd_dir}]", "--samplers", "ddim",
                                        "--steps", "2", "--datasets", "shapes-text"])
     assert result.exit_code == 2 and "needs the transformers package" in result.output, result.output
+
+
+def test_prompts_without_a_model_that_takes_them_is_bad_input(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    result = CliRunner().invoke(main, ["run", "--models", "mlp", "--prompts", str(tmp_path / "prompts.txt"),
+                                       "--samplers", "ddim", "--steps", "2", "--datasets", "moons"])
+    assert result.exit_code == 2 and "run.prompts: no model of the grid takes option 'prompts' (mlp)" in result.output
