@@ -298,28 +298,25 @@ def _prompts_for(dataset, prompts_file: str) -> list[str]:
     if not captions:
         name = dataset.name if dataset is not None else "no dataset"
         raise Incompatible(f"diffusers: a text-to-image model needs prompts: {name!r} has no captions; "
-                           f"give a file with diffusers[path=...,prompts=FILE]")
+                           f"give a file of prompts with --prompts FILE")
     return list(captions)
 
 
 def _image_decoder(vae, latent_shape: tuple[int, ...], dataset) -> LatentDecoder:
-    """The AutoencoderKL's decoder: images [B, C, H, W] in [-1, 1], at the dataset's size when it differs."""
+    """The AutoencoderKL's decoder: images [B, C, H, W] in [-1, 1], resized to the dataset's H × W
+    when it differs (bilinear, antialiased)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = latent_shape[-1] * factor
-    channels = vae.config.out_channels
-    target = tuple(dataset.shape[-2:]) if dataset is not None and dataset.modality == "image" else (size, size)
-    if dataset is not None and (dataset.modality != "image" or dataset.shape[0] != channels):
-        raise Incompatible(f"diffusers: the Stable-Diffusion VAE decodes {channels}-channel images; "
-                           f"{dataset.name!r} has {'×'.join(map(str, dataset.shape))}")
+    size = (latent_shape[-2] * factor, latent_shape[-1] * factor)
+    target = tuple(dataset.shape[-2:]) if dataset is not None else size
 
     def decode(z):  # z: unscaled latents [B, 4, h, w]
-        images = vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)  # [B, C, f·h, f·w]
+        images = vae.decode(z, return_dict=False)[0].clamp(-1, 1)  # [B, C, f·h, f·w]
         if images.shape[-2:] != target:
             images = F.interpolate(images, size=target, mode="bilinear", antialias=True, align_corners=False)
         return images
 
     info = {"autoencoder": f"AutoencoderKL (f={factor})", "latent_scale": float(vae.config.scaling_factor),
-            "decoded_size": size}
+            "decoded_size": "x".join(map(str, size))}
     return LatentDecoder(decode, float(vae.config.scaling_factor), latent_shape, info)
 
 
@@ -330,6 +327,10 @@ def load_stable_diffusion(root: Path, dataset, *, device, prediction: str, allow
     from transformers import CLIPTextModel, CLIPTokenizer
 
     prompt_list = _prompts_for(dataset, prompts)
+    channels = _read_config(root / "vae" / "config.json").get("out_channels", 3)
+    if dataset is not None and (dataset.modality != "image" or dataset.shape[0] != channels):
+        raise Incompatible(f"diffusers: the Stable-Diffusion VAE decodes {channels}-channel images; "
+                           f"{dataset.name!r} has {'×'.join(map(str, dataset.shape))}")
     unet = fuse_qkv(from_pretrained(UNet2DConditionModel, root / "unet", allow_pickle))
     vae = from_pretrained(AutoencoderKL, root / "vae", allow_pickle)
     text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), use_safetensors=not allow_pickle)
@@ -337,15 +338,13 @@ def load_stable_diffusion(root: Path, dataset, *, device, prediction: str, allow
     unet, vae, text_encoder = (m.to(device).eval() for m in (unet, vae, text_encoder))
     states = encode_prompts(tokenizer, text_encoder, prompt_list + [""], device)  # [K + 1, L, D]
     size = unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    latent_shape = (unet.config.in_channels, size, size)
-    decoder = _image_decoder(vae, latent_shape, dataset)
+    latent_shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     scheduler = _scheduler_config(root, required=True)
     parameterization = prediction or PREDICTIONS[scheduler.get("prediction_type", "epsilon")]
     k = len(prompt_list)
     denoiser = Denoiser(PromptConditioned(unet, states), process_from_scheduler(scheduler), parameterization,
                         num_classes=k, null_class=k, name="diffusers:StableDiffusion")
-    denoiser.decoder = decoder
+    denoiser.decoder = _image_decoder(vae, latent_shape, dataset)
     denoiser.dataset_name = ""  # no pixel-space noisy classifier applies to latents
     # Sample i's label indexes the prompts file, not the dataset's classes: label metrics must not read it.
     denoiser.conditions_on_dataset = not prompts

@@ -156,12 +156,12 @@ def test_sd_run_with_a_prompts_file_matches_the_pipeline(sd_dir, tmp_path):
 
 
 def test_sd_images_are_resized_to_the_datasets_size(sd_dir):
-    """16-px SD images against 32-px shapes-text: the metrics see 32 px; the row keeps decoded_size 16.
+    """16-px SD images against 32-px shapes-text: the metrics see 32 px; the row keeps decoded_size 16x16.
     The pixel likelihood bound does not apply to a latent model."""
     dataset = load_shapes_text(num=64, size=32)
     den = load_diffusers(dataset, path=str(sd_dir))
     images = den.decoder(torch.randn(2, *den.decoder.latent_shape))
-    assert images.shape == (2, 3, 32, 32) and den.decoder.info["decoded_size"] == 16
+    assert images.shape == (2, 3, 32, 32) and den.decoder.info["decoded_size"] == "16x16"
     assert float(images.abs().max()) <= 1.0
     ctx = MetricContext(dataset=dataset, reference=images, reference_labels=None, labels=None, denoiser=den,
                         device=torch.device("cpu"), seed=0)
@@ -246,3 +246,15 @@ def test_prompts_without_a_model_that_takes_them_is_bad_input(tmp_path):
     result = CliRunner().invoke(main, ["run", "--models", "mlp", "--prompts", str(tmp_path / "prompts.txt"),
                                        "--samplers", "ddim", "--steps", "2", "--datasets", "moons"])
     assert result.exit_code == 2 and "run.prompts: no model of the grid takes option 'prompts' (mlp)" in result.output
+
+
+def test_a_dataset_without_captions_needs_a_prompts_file(sd_dir, tmp_path):
+    """Skipped with the reason (a cell, not bad input: another dataset of the grid may have captions);
+    with a prompts file, digits' single channel is the next reason."""
+    from diffbench_plugins.image_data import load_digits
+
+    with pytest.raises(Incompatible, match="needs prompts: 'digits' has no captions; give a file of prompts"):
+        load_diffusers(load_digits(), path=str(sd_dir))
+    (tmp_path / "prompts.txt").write_text("a digit\n")
+    with pytest.raises(Incompatible, match="decodes 3-channel images; 'digits' has 1×8×8"):
+        load_diffusers(load_digits(), path=str(sd_dir), prompts=str(tmp_path / "prompts.txt"))
