@@ -258,3 +258,16 @@ def test_a_dataset_without_captions_needs_a_prompts_file(sd_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("a digit\n")
     with pytest.raises(Incompatible, match="decodes 3-channel images; 'digits' has 1×8×8"):
         load_diffusers(load_digits(), path=str(sd_dir), prompts=str(tmp_path / "prompts.txt"))
+
+
+def test_caption_acc_leaves_out_a_group_without_samples():
+    """One sample of a held-out combination (label 0: a real-size SD run with --num-samples 1): only the
+    held-out column, not a NaN seen column that would fail the cell."""
+    from diffbench_plugins.caption_metric import compute_caption_acc
+
+    dataset = load_shapes_text(num=64)
+    images, labels = dataset.reference(64)
+    held_out = torch.isin(labels, torch.tensor(dataset.held_out))
+    ctx = MetricContext(dataset=dataset, reference=images, reference_labels=labels, labels=labels[held_out],
+                        denoiser=None, device=torch.device("cpu"), seed=0)
+    assert held_out.any() and set(compute_caption_acc(images[held_out], ctx)) == {"caption-acc[held-out]"}
