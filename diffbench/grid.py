@@ -231,6 +231,9 @@ def validate_models(registry: Registry, config: RunConfig) -> None:
             component.validate(**registry.options("models", ref))
         except ConfigError as exc:
             raise ConfigError(f"run.models: {ref.label}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"run.models: model {ref.label!r} (plugin {component.plugin}) could not be checked: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource]:

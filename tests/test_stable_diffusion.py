@@ -7,6 +7,9 @@ from a tiny CLIPTextConfig and a CLIPTokenizer over a handwritten word vocabular
 the same DDIM grid (``leading-offset`` is Stable Diffusion's "leading" with steps_offset=1),
 diffbench's DDIM on the adapter must give the pipeline's latents and images to 1e-4.
 
+Also the host changes the adapter needed: models' ``validate`` (bad directories are exit 2 before
+any work), ``--prompts``, short sample file names for long model paths, caption-acc on one group.
+
 The pipeline runs DDIM with ``set_alpha_to_one=True``: its last step then lands on clean data,
 diffbench's t = −1 (SD's shipped config has ``false``, which stops at ᾱ_0 = 1 − β_0 instead).
 """
@@ -271,3 +274,22 @@ def test_caption_acc_leaves_out_a_group_without_samples():
     ctx = MetricContext(dataset=dataset, reference=images, reference_labels=labels, labels=labels[held_out],
                         denoiser=None, device=torch.device("cpu"), seed=0)
     assert held_out.any() and set(compute_caption_acc(images[held_out], ctx)) == {"caption-acc[held-out]"}
+
+
+def test_a_model_validate_that_raises_is_bad_input_naming_the_plugin():
+    """A third-party ``validate`` that crashes is still exit 2 before any work, naming the model and plugin."""
+    import diffbench
+    from diffbench.grid import build_config, validate_models
+    from diffbench.plugins import build_registry
+    from diffbench.registry import ConfigError, Model
+
+    class Plugin:
+        @diffbench.hookimpl
+        def register_models(self, register):
+            register(Model(name="fragile", family="gaussian", load=None, validate=lambda **_: 1 / 0,
+                           description="validate raises"))
+
+    registry = build_registry([Plugin()])
+    config = build_config(registry, {"models": "fragile", "samplers": "ddim", "steps": [2], "datasets": "moons"})
+    with pytest.raises(ConfigError, match="model 'fragile' .* could not be checked: ZeroDivisionError"):
+        validate_models(registry, config)
