@@ -111,6 +111,9 @@ def main():
 @click.option("--guidance", help="Comma-separated guidance, e.g. 'none,cfg:3.0'.")
 @click.option("--datasets", help="Comma-separated datasets, e.g. 'moons,gmm-2d'.")
 @click.option("--metrics", help="Comma-separated metrics, e.g. 'swd,logp'.")
+@click.option("--prompts", type=click.Path(dir_okay=False),
+              help="File of prompts, one a line, cycled over sample indices: the prompts option of every model "
+                   "that takes one (diffusers on a Stable-Diffusion directory; default: the dataset's captions).")
 @click.option("--num-samples", type=int, help="Samples per cell.")
 @click.option("--batch-size", type=int, help="Samples per batch (timings are per batch; 0 = all at once).")
 @click.option("--repeats", type=int, help="Timed repeats of the first batch (median reported).")
@@ -153,7 +156,7 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
     rank, rank 0 writes the table, and --cell-timeout bounds every wait on another rank.
     """
     from diffbench.distributed import DistributedError, from_env
-    from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings
+    from diffbench.grid import build_config, check_memory, describe, load_datasets, load_settings, validate_models
     from diffbench.results import terminal_table
     from diffbench.runner import GridRunner, resolve_device
     from diffbench.worker import Supervisor
@@ -170,6 +173,7 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
             click.echo(f"\n{len(config.cells())} cells")
             return
         device = resolve_device(config.device)
+        validate_models(registry, config)
         datasets = load_datasets(registry, config)
         check_memory(config, datasets, *_available_memory(device))
         out = Path(out_dir) if out_dir else _default_out()

@@ -7,10 +7,11 @@ When neither flags nor config name datasets, each model runs on its own default 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from urllib.parse import quote
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ DEFAULT_GRID = Path(__file__).with_name("default_grid.toml")
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("triton", "sdpa", "math")
+MAX_SLUG = 200  # characters of a cell's file name stem: suffixes (".safetensors", a temporary's) need the rest of 255
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,12 @@ def cell_slug(key) -> str:
     """A file-system-safe id of a cell key (model, sampler, guidance, dataset, steps) that keeps every
     character that tells cells apart, e.g. ``mlp__ddim[eta=1.0]__none__moons__10`` and
     ``unet__dpm-solver++__cfg[scale=3.0]__digits__10``; anything else (``/``, spaces, ``%``) is
-    percent-encoded, so two cells never share a file under samples/."""
-    return "__".join(quote(str(p), safe="+=,[]-.") for p in key)
+    percent-encoded, so two cells never share a file under samples/. A file name holds at most 255
+    bytes: a longer slug (a model path in its options) keeps its first characters and ends in a hash of the whole."""
+    slug = "__".join(quote(str(p), safe="+=,[]-.") for p in key)
+    if len(slug) <= MAX_SLUG:
+        return slug
+    return f"{slug[:MAX_SLUG - 17]}~{hashlib.sha256(slug.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -106,8 +112,10 @@ RUN_OPTIONS = {"num_samples": Option(1000, min=1), "batch_size": Option(0, min=0
                # the network's fast path (diffbench.fastpath)
                "dtype": Option("fp32", choices=tuple(DTYPES)), "compile": Option("off", choices=COMPILE_MODES),
                "cuda_graphs": Option(False)}
+# Run keys that set a model option on every model of the grid that takes it (and does not set its own).
+MODEL_OPTION_KEYS = {"prompts": Option("")}
 STEP = Option(10, min=1, max=100_000)  # one entry of run.steps
-VALID_KEYS = (*AXES, "steps", *RUN_OPTIONS)
+VALID_KEYS = (*AXES, "steps", *RUN_OPTIONS, *MODEL_OPTION_KEYS)
 BYTES_PER_VALUE = 4  # float32 samples
 WORKING_COPIES = 16  # live tensors of a batch while sampling (x, x0, noise, network activations): a floor
 
@@ -165,6 +173,7 @@ def build_config(registry: Registry, settings: dict[str, Any]) -> RunConfig:
                 raise ConfigError(f"run.{kind}: {exc}") from None
         axes[kind] = refs
 
+    axes["models"] = forward_model_options(registry, axes["models"], settings)
     steps = []
     for item in _as_list("steps", settings["steps"]):
         try:
@@ -195,6 +204,36 @@ def load_dataset(registry: Registry, ref: Ref, where: str = "run.datasets") -> D
     except (Exception, SystemExit) as exc:
         raise ConfigError(f"{where}: dataset {ref.label!r} (plugin {component.plugin}) could not load: "
                           f"{type(exc).__name__}: {exc}") from None
+
+
+def forward_model_options(registry: Registry, models: list[Ref], settings: dict[str, Any]) -> list[Ref]:
+    """``--prompts FILE`` (run.prompts) as the ``prompts`` option of every model that takes one and does
+    not set its own; refused when no model of the grid takes it."""
+    given = {key: settings[key] for key in MODEL_OPTION_KEYS if settings.get(key) not in (None, "")}
+    for key, value in convert_options("run", MODEL_OPTION_KEYS, given, table=True).items():
+        takers = [m for m in models if key in registry.get("models", m.name).options]
+        if not takers:
+            raise ConfigError(f"run.{key}: no model of the grid takes option {key!r} "
+                              f"({', '.join(m.label for m in models)}); e.g. diffusers on a Stable-Diffusion directory does")
+        models = [replace(m, options=tuple(sorted({key: value, **dict(m.options)}.items()))) if m in takers else m
+                  for m in models]
+    return models
+
+
+def validate_models(registry: Registry, config: RunConfig) -> None:
+    """Every model's ``validate`` (the files it would load), before anything runs or is created: a
+    missing weights directory is bad input naming the model, not a failed cell per dataset."""
+    for ref in config.models:
+        component = registry.get("models", ref.name)
+        if component.validate is None:
+            continue
+        try:
+            component.validate(**registry.options("models", ref))
+        except ConfigError as exc:
+            raise ConfigError(f"run.models: {ref.label}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"run.models: model {ref.label!r} (plugin {component.plugin}) could not be checked: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource]:

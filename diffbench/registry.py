@@ -189,11 +189,16 @@ class Model(Component):
 
     ``datasets``: what the model runs on when neither flags nor config name datasets. Empty (the
     default): the datasets its checkpoints cover (:func:`diffbench.grid.default_datasets`).
+
+    ``validate(**options)`` (optional) checks the files the model would load (a weights directory,
+    a prompts file), quickly, and raises ConfigError naming the bad one; ``diffbench run`` calls
+    it before it creates anything.
     """
 
     load: Callable[..., Any] = None
     train: Callable[..., Any] | None = None
     datasets: tuple[str, ...] = ()
+    validate: Callable[..., Any] | None = None
     kind = "models"
 
 

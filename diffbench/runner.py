@@ -412,7 +412,9 @@ class GridRunner:
         if key not in self._references:
             self._references[key] = dataset.reference(max(REFERENCE_SIZE, self.config.num_samples))
         ref_x, ref_y = self._references[key]
-        ctx = MetricContext(dataset=dataset, reference=ref_x, reference_labels=ref_y, labels=g.labels,
+        # A model conditioned on its own prompts (diffusers[prompts=FILE]) has labels that are not the dataset's.
+        labels = g.labels if getattr(denoiser, "conditions_on_dataset", True) else None
+        ctx = MetricContext(dataset=dataset, reference=ref_x, reference_labels=ref_y, labels=labels,
                             denoiser=denoiser, device=self.device, seed=self.config.seed)
         values, directions = {}, {}
         for ref in self.config.metrics:

@@ -72,15 +72,14 @@ def compute_caption_acc(samples, ctx: MetricContext) -> dict[str, float]:
     if "attributes" not in ctx.dataset.info or not hasattr(ctx.dataset, "held_out"):
         raise Incompatible(f"caption-acc needs a captioned dataset (shapes-text); {ctx.dataset.name!r} has no attributes")
     if ctx.labels is None:
-        raise Incompatible("caption-acc needs text-conditional samples (the model is unconditional)")
+        raise Incompatible("caption-acc needs samples conditioned on the dataset's captions (the model is "
+                           "unconditional, or conditioned on its own prompts)")
     net = load_classifier(f"{ctx.dataset.name}-cnn", ctx.device)
     x = to_uint8(samples).float() / 127.5 - 1  # judge what an image file would hold
     scores = caption_accuracy(predict_attributes(net, x.to(ctx.device)).cpu(), ctx.labels.cpu())
     held_out = torch.isin(ctx.labels.cpu(), torch.tensor(ctx.dataset.held_out, dtype=torch.long))
-    out = {"caption-acc[seen]": float(scores[~held_out].mean())}
-    if held_out.any():
-        out["caption-acc[held-out]"] = float(scores[held_out].mean())
-    return out
+    groups = {"caption-acc[seen]": ~held_out, "caption-acc[held-out]": held_out}
+    return {column: float(scores[group].mean()) for column, group in groups.items() if group.any()}  # no empty mean
 
 
 def main(argv=None):

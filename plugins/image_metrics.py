@@ -303,6 +303,8 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
     den = ctx.denoiser
     if den is None or getattr(den, "family", "") != "gaussian" or not isinstance(den.process, VPDiscrete):
         raise Incompatible("nll-bpd needs a Gaussian model on the discrete VP process (Ho et al. 2020's bound)")
+    if getattr(den, "decoder", None) is not None:
+        raise Incompatible("nll-bpd bounds log p of pixels; a latent model's bound would be on its latents")
     x0 = to_uint8(ctx.reference[:num_images]).float().to(ctx.device) / 127.5 - 1
     labels = ctx.reference_labels[:num_images].to(ctx.device) if ctx.reference_labels is not None else None
     if den.num_classes and labels is not None:
