@@ -75,8 +75,7 @@ def assert_same_run(sharded, one, world_size: int) -> None:
         x, y = load_file(str(saved)), load_file(str(sharded / "samples" / saved.name))
         assert torch.equal(x["x_T"], y["x_T"]) and torch.equal(x["x_0"], y["x_0"]), saved.name  # bit for bit
     streamed = sorted(p.relative_to(one) for p in (one / "samples").glob("*/*.png"))  # every rank wrote its batches
-    assert len(streamed) == 2 * 200 and streamed == sorted(p.relative_to(sharded) for p in (sharded / "samples").glob("*/*.png"))
-    assert all((one / p).read_bytes() == (sharded / p).read_bytes() for p in streamed)
+    assert len(streamed) == 2 * 200 and all((one / p).read_bytes() == (sharded / p).read_bytes() for p in streamed)
 
 
 def test_two_ranks_equal_one_process_and_a_raising_rank_fails_its_cell(one_process, tmp_path):
