@@ -145,7 +145,8 @@ class Features:
     reference: torch.Tensor
 
 
-def _extract(images: SampleSet | torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool, extra: dict) -> torch.Tensor:
+def _extract(images: SampleSet | torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool,
+             extra: dict) -> torch.Tensor:
     """torch-fidelity's own feature extraction of N images [C, H, W] in [-1, 1] -> [N, F]."""
     layer = FEATURE_EXTRACTORS_REGISTRY[fe_name].get_default_feature_layer_for_metric("fid")
     cuda = ctx.device.type == "cuda"
@@ -330,14 +331,15 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
 def register_metrics(register):
     feature_options = {"extractor": Option("auto", choices=("auto", "domain", "inception")), "inception_weights": ""}
     ci_rounds = {"ci_rounds": Option(100, min=0)}  # bootstrap rounds of the _ci95 column (0: none)
-    register(Metric(name="fid", family="image", streaming=True, compute=compute_fid, options={**feature_options, **ci_rounds},
+    register(Metric(name="fid", family="image", streaming=True, compute=compute_fid,
+                    options={**feature_options, **ci_rounds},
                     description="FID via torch-fidelity; column fid[<extractor>] (domain CNN or local Inception-v3), "
                                 "bootstrap 95% interval in fid[<extractor>]_ci95"))
     register(Metric(name="kid", family="image", streaming=True, compute=compute_kid,
                     options={**feature_options, "ci_rounds": Option(20, min=0)},
                     description="KID (mean over subsets) via torch-fidelity; column kid[<extractor>] (+ _ci95)"))
-    register(Metric(name="precision-recall", family="image", streaming=True, compute=compute_precision_recall, higher_is_better=True,
-                    options={**feature_options, "neighborhood": Option(3, min=1)},
+    register(Metric(name="precision-recall", family="image", streaming=True, compute=compute_precision_recall,
+                    higher_is_better=True, options={**feature_options, "neighborhood": Option(3, min=1)},
                     description="improved precision / recall (Kynkäänniemi et al. 2019) via torch-fidelity"))
     register(Metric(name="class-acc", family="image", streaming=True, compute=compute_class_acc, higher_is_better=True,
                     options=ci_rounds, description="accuracy of the shipped domain classifier on class-conditional "

@@ -59,8 +59,8 @@ PROBE = textwrap.dedent('''
     def register_metrics(register):
         register(Metric(name="probe", family="image", compute=probe, streaming=True, description="what it got"))
         register(Metric(name="tensor-mean", family="image", compute=tensor_mean, description="mean pixel"))
-        register(Metric(name="bomb", family="image", compute=bomb, options={"mode": Option("raise", choices=("raise", "exit"))},
-                        description="fails"))
+        register(Metric(name="bomb", family="image", compute=bomb, description="fails",
+                        options={"mode": Option("raise", choices=("raise", "exit"))}))
 ''')
 CELL = ["run", "--models", "unet", "--samplers", "ddim", "--steps", "1", "--datasets", "digits", "--num-samples", "40",
         "--batch-size", "16", "--repeats", "1", "--quiet", "--no-report"]
@@ -121,7 +121,8 @@ def test_metrics_stream_no_tensor_of_all_samples_lives_and_keep_samples_keeps_th
     kept = PNGFolder(out / "samples" / SLUG, 40, (1, 8, 8))
     assert sorted(p.name for p in kept.directory.iterdir()) == [f"{i:06d}.png" for i in range(40)]
     mean = float(kept.load_all().double().mean())  # the tensor contract gets the same (dequantised) samples
-    assert row["tensor-mean"] == pytest.approx(mean, abs=1e-12) and row["streamed-mean"] == pytest.approx(mean, abs=1e-12)
+    assert row["tensor-mean"] == pytest.approx(mean, abs=1e-12)
+    assert row["streamed-mean"] == pytest.approx(mean, abs=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["raise", "exit"])
