@@ -73,7 +73,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         raise NotImplementedError
 
     def forward(self, x):
-        feats = self.net.features(x.float() / 127.5 - 1)  # [B, F]
+        feats = self.net.features(from_uint8(x))  # [B, F]
         out = {"features": feats, "logits": self.net.head(feats)}
         return tuple(out[name] for name in self.features_list)
 
@@ -311,7 +311,7 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
     den = ctx.denoiser
     if den is None or getattr(den, "family", "") != "gaussian" or not isinstance(den.process, VPDiscrete):
         raise Incompatible("nll-bpd needs a Gaussian model on the discrete VP process (Ho et al. 2020's bound)")
-    x0 = to_uint8(ctx.reference[:num_images]).float().to(ctx.device) / 127.5 - 1
+    x0 = from_uint8(to_uint8(ctx.reference[:num_images])).to(ctx.device)
     labels = ctx.reference_labels[:num_images].to(ctx.device) if ctx.reference_labels is not None else None
     if den.num_classes and labels is not None:
         den = den.conditioned(labels)  # the class-conditional bound log p(x0 | y)
