@@ -129,7 +129,12 @@ def main():
               help="Capture the network call per shape as a CUDA graph and replay it (CUDA only).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write results exactly here "
               "(default: results/<run-id>, with results/latest pointing at it).")
-@click.option("--save-samples", is_flag=True, default=None, help="Also write samples/<cell>.safetensors (x_T, x_0).")
+@click.option("--save-samples", is_flag=True, default=None,
+              help="Also write samples/<cell>.safetensors: x_T and x_0 exactly, in float, for comparing samplers "
+                   "bit for bit (holds every sample of a cell in memory).")
+@click.option("--keep-samples", is_flag=True, default=None,
+              help="Keep samples/<cell>/<i>.png, the uint8 image files the cell streams its samples to and the "
+                   "metrics read (a folder torch-fidelity reads); removed when the cell is done otherwise.")
 @click.option("--resume", is_flag=True, help="Reuse finished cells of an interrupted run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out (else refused).")
 @click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
@@ -176,8 +181,8 @@ def run(config_path, out_dir, resume, overwrite, cell_timeout, in_process, plugi
         validate_models(registry, config)
         datasets = load_datasets(registry, config)
         check_memory(config, datasets, *_available_memory(device))
-        out = Path(out_dir) if out_dir else _default_out()
         shard = from_env(device, cell_timeout)  # one process unless launched by torchrun
+        out = shard.broadcast(Path(out_dir) if out_dir else _default_out())  # every rank streams samples there
         lock, refused = None, None
         if shard.is_root:  # only rank 0 writes
             try:

@@ -25,6 +25,7 @@ from diffbench.data import DataSource
 from diffbench.fastpath import COMPILE_MODES, DTYPES, FastPath, compile_mode
 from diffbench.io import read_text
 from diffbench.registry import ConfigError, Option, Ref, Registry, convert_options, split_list
+from diffbench.samples import streams
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.toml")
 AXES = ("models", "samplers", "guidance", "datasets", "metrics")
@@ -79,6 +80,7 @@ class RunConfig:
     device: str = "auto"
     attention: str = "sdpa"
     save_samples: bool = False
+    keep_samples: bool = False
     # The network's fast path (diffbench.fastpath).
     dtype: str = "fp32"
     compile: str = "off"
@@ -109,6 +111,7 @@ class RunConfig:
 RUN_OPTIONS = {"num_samples": Option(1000, min=1), "batch_size": Option(0, min=0), "seed": Option(0, min=0, max=2**62),
                "repeats": Option(3, min=1), "device": Option("auto", choices=DEVICES),
                "attention": Option("sdpa", choices=ATTENTION), "save_samples": Option(False),
+               "keep_samples": Option(False),
                # the network's fast path (diffbench.fastpath)
                "dtype": Option("fp32", choices=tuple(DTYPES)), "compile": Option("off", choices=COMPILE_MODES),
                "cuda_graphs": Option(False)}
@@ -244,12 +247,14 @@ def load_datasets(registry: Registry, config: RunConfig) -> dict[str, DataSource
 
 
 def check_memory(config: RunConfig, datasets: dict[str, DataSource], available_bytes: int, where: str) -> None:
-    """Refuse a grid whose samples cannot fit: per cell the N samples and their x_T are kept, plus
-    a batch's working tensors (an estimate from below: networks need more)."""
+    """Refuse a grid whose samples cannot fit: per cell a batch's working tensors (an estimate from
+    below: networks need more), plus the N samples and their x_T where they are kept in memory (not
+    streamed to disk, or --save-samples)."""
     batch = min(config.batch_size or config.num_samples, config.num_samples)
     for label, dataset in datasets.items():
         values = math.prod(dataset.shape)
-        need = BYTES_PER_VALUE * values * (2 * config.num_samples + WORKING_COPIES * batch)
+        kept = 2 * config.num_samples if config.save_samples or not streams(dataset) else 0
+        need = BYTES_PER_VALUE * values * (kept + WORKING_COPIES * batch)
         if need > available_bytes:
             raise ConfigError(
                 f"run.num_samples = {config.num_samples} (batch_size {batch}) on {label} (samples of shape "

@@ -245,12 +245,16 @@ class Dataset(Component):
 class Metric(Component):
     """``compute(samples, ctx: MetricContext, **options) -> float | dict[str, float]``.
 
-    ``higher_is_better`` tells ``diffbench compare`` and the plots which direction is better:
-    one bool for every column the metric returns, or a dict of column name to bool.
+    ``samples`` is one tensor [N, *shape] of all the cell's samples; with ``streaming=True`` it is a
+    :class:`diffbench.samples.SampleSet` instead, to read batch by batch (image samples are then
+    never all in memory at once). ``higher_is_better`` tells ``diffbench compare`` and the plots
+    which direction is better: one bool for every column the metric returns, or a dict of column
+    name to bool.
     """
 
     compute: Callable[..., Any] = None
     higher_is_better: bool | dict[str, bool] = False
+    streaming: bool = False
 
     def better_is_higher(self, column: str) -> bool:
         if isinstance(self.higher_is_better, dict):

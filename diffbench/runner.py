@@ -5,11 +5,14 @@ tracebacks go to ``run.log``, and ``--resume`` reuses finished rows of an interr
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import json
 import logging
 import math
 import numbers
+import shutil
 import traceback
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from diffbench.nn.attention import effective_backend, use_backend
 from diffbench.generate import class_labels, generate
 from diffbench.registry import SINGULAR, Component, ConfigError, Incompatible, Registry
 from diffbench.results import AXES, ResultsWriter, load_rows, plot_metrics, plot_point_cell, plot_point_samples
+from diffbench.samples import PNGFolder, SampleSet, TensorSamples, streams
 from diffbench.timing import PeakMemory, environment_fingerprint, summarize, wall_timer
 
 log = logging.getLogger("diffbench")
@@ -76,13 +80,16 @@ class SampleError(Exception):
     """The cell's samples are unusable (not finite): the cell fails with this reason."""
 
 
-def check_finite_samples(cell: Cell, samples: torch.Tensor) -> None:
+def count_nonfinite(samples: torch.Tensor) -> int:
+    """How many samples [B, ...] hold NaN or Inf (checked per batch, before quantisation to uint8)."""
+    return int((~torch.isfinite(samples.flatten(1))).any(1).sum()) if samples.is_floating_point() else 0
+
+
+def check_finite_samples(cell: Cell, nonfinite: int, num_samples: int) -> None:
     """A cell whose samples hold NaN or Inf fails before any metric sees them."""
-    if samples.is_floating_point():
-        bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
-        if bad:
-            raise SampleError(f"{bad} of {len(samples)} samples are not finite (model {cell.model.label!r}, "
-                              f"sampler {cell.sampler.label!r}, guidance {cell.guidance.label!r})")
+    if nonfinite:
+        raise SampleError(f"{nonfinite} of {num_samples} samples are not finite (model {cell.model.label!r}, "
+                          f"sampler {cell.sampler.label!r}, guidance {cell.guidance.label!r})")
 
 
 def check_metric_value(metric: Component, column: str, value) -> float:
@@ -131,12 +138,40 @@ def check_compatible(model: Component, denoiser, sampler: Component, guidance: C
     return None
 
 
+def fix_mmap_threshold(threshold: int = 128 * 1024) -> None:
+    """Allocate every block of ``threshold`` bytes or more with mmap, so that freeing it returns it to
+    the OS (glibc; elsewhere nothing to do). glibc's default raises the threshold to the size of the
+    largest block freed so far: a cell's batch-sized tensors then come from the brk heap, which
+    small objects (e.g. of the PNG writer) fragment and which never shrinks, so the high-water mark
+    grew with the number of batches (shapes, batches of 250: 404 MiB at 1,000 samples, 690 MiB at
+    10,000; 351 MiB with the threshold fixed; scripts/streaming_memory.py)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (malloc.h); setting it also ends the dynamic adjustment
+
+
+def sample_folder(out_dir: Path, cell: Cell) -> Path:
+    """Where a cell streams its image samples: ``samples/<cell>/`` (:class:`~diffbench.samples.PNGFolder`)."""
+    return Path(out_dir) / "samples" / cell.slug
+
+
+def discard_samples(config: RunConfig, out_dir: Path, cell: Cell) -> None:
+    """Remove a cell's streamed samples once its metrics are done or it failed, unless --keep-samples."""
+    if not config.keep_samples:
+        shutil.rmtree(sample_folder(out_dir, cell), ignore_errors=True)
+
+
 @dataclass
 class Generated:
-    """A cell's samples, or (under torchrun) one rank's share of them: the samples of ``batches``."""
+    """A cell's samples, or (under torchrun) one rank's share of them: the samples of ``batches``.
+    Image samples go to the cell's :class:`PNGFolder` as they are made; ``samples`` holds them in
+    memory only when they are not streamed or --save-samples wants x_0, and ``x_T`` only for
+    --save-samples: memory stays bounded by the batch size."""
 
-    samples: torch.Tensor  # [N, *shape]
-    x_T: torch.Tensor  # [N, *shape] starting noise (or fully masked tokens)
+    samples: torch.Tensor | None  # [N, *shape], or None when streamed to disk
+    x_T: torch.Tensor | None  # [N, *shape] starting noise (or fully masked tokens), for --save-samples
     labels: torch.Tensor | None
     nfe: int
     wall_s: float  # of the first batch (median over repeats)
@@ -147,10 +182,11 @@ class Generated:
     samples_per_s: float = 0.0  # first batch; summed over ranks when shares are merged
     decode_s: float | None = None  # latent models: median seconds to decode one batch
     decoder_info: dict | None = None  # latent models: the autoencoder and scaling factor
+    nonfinite: int = 0  # samples holding NaN or Inf (the cell fails; nothing after them is written)
 
     def cpu(self) -> "Generated":
-        labels = None if self.labels is None else self.labels.cpu()
-        return replace(self, samples=self.samples.cpu(), x_T=self.x_T.cpu(), labels=labels)
+        return replace(self, **{name: getattr(self, name).cpu() for name in ("samples", "x_T", "labels")
+                                if getattr(self, name) is not None})
 
 
 def merge_shares(shares: list[Generated], num_samples: int, device: torch.device) -> Generated:
@@ -159,12 +195,14 @@ def merge_shares(shares: list[Generated], num_samples: int, device: torch.device
         return shares[0]
     shares = [s for s in shares if s.batches]  # ranks beyond the number of batches sampled nothing
 
-    def whole(get):
-        return assemble([(s.batches, get(s)) for s in shares], num_samples).to(device)
+    def whole(name):
+        if getattr(shares[0], name) is None:
+            return None
+        return assemble([(s.batches, getattr(s, name)) for s in shares], num_samples).to(device)
 
-    labels = None if shares[0].labels is None else whole(lambda s: s.labels)
-    return replace(shares[0], samples=whole(lambda s: s.samples), x_T=whole(lambda s: s.x_T), labels=labels,
-                   batches=[range(num_samples)], samples_per_s=sum(s.samples_per_s for s in shares))
+    return replace(shares[0], samples=whole("samples"), x_T=whole("x_T"), labels=whole("labels"),
+                   batches=[range(num_samples)], samples_per_s=sum(s.samples_per_s for s in shares),
+                   nonfinite=sum(s.nonfinite for s in shares))
 
 
 @dataclass
@@ -198,6 +236,7 @@ class GridRunner:
                  progress: bool = True, datasets: dict | None = None, cells=None, shard: Shard | None = None):
         self.registry, self.config, self.out_dir = registry, config, Path(out_dir)
         self.shard = shard or Shard()
+        fix_mmap_threshold()  # in the process that runs the cells: memory bounded by the batch size
         self.device = resolve_device(config.device)
         check_supported(config.fast_path, self.device)
         self.progress = progress
@@ -293,6 +332,9 @@ class GridRunner:
         except Exception as exc:  # a bug in the host itself: still never lose the other cells
             row.update(status="failed", reason=f"diffbench host error {type(exc).__name__}: {exc}")
             log.error("failed %s (host): %s", cell.slug, traceback.format_exc())
+        finally:
+            if self.shard.is_root:  # every rank has written its share by now (or failed)
+                discard_samples(self.config, self.out_dir, cell)
         return CellResult(row, {})
 
     def _run_cell(self, cell: Cell, row: dict) -> CellResult:
@@ -304,16 +346,20 @@ class GridRunner:
         generated = merge_shares(shares, self.config.num_samples, self.device)
         dataset = self._dataset(cell.dataset)
         denoiser = self._model(cell.model, cell.dataset, dataset)
-        check_finite_samples(cell, generated.samples)
+        check_finite_samples(cell, generated.nonfinite, self.config.num_samples)
+        samples = self._sample_folder(cell, dataset) if streams(dataset) else TensorSamples(generated.samples)
         row.update(self._timing_columns(generated, cell.steps), channels_last=denoiser.channels_last)
-        metrics, directions = self._metrics(cell, generated, dataset, denoiser)
+        metrics, directions = self._metrics(cell, samples, generated.labels, dataset, denoiser)
         row.update(metrics, status="ok")
-        self._save(cell, generated, dataset)
+        self._save(cell, generated, samples, dataset)
         points = None
         if dataset.modality == "points":
             title = f"{cell.model.label} · {cell.sampler.label} · {cell.guidance.label} · {cell.steps} steps"
-            points = (cell.dataset.label, title, generated.samples[:2000].cpu(), self._references[cell.dataset.label][0])
+            points = (cell.dataset.label, title, samples.read(0, 2000).cpu(), self._references[cell.dataset.label][0])
         return CellResult(row, directions, points)
+
+    def _sample_folder(self, cell: Cell, dataset: DataSource) -> PNGFolder:
+        return PNGFolder(sample_folder(self.out_dir, cell), self.config.num_samples, dataset.shape)
 
     def _batch_size(self) -> int:
         return min(self.config.batch_size or self.config.num_samples, self.config.num_samples)
@@ -366,6 +412,23 @@ class GridRunner:
             with wall_timer(self.device, decode_times):
                 return out[0], _call(self.registry.get("models", cell.model.name), decoder, out[1])
 
+        # Image samples stream to the cell's folder batch by batch (checked finite first); in memory
+        # stay the samples that are not streamed, and x_T and x_0 for --save-samples.
+        folder = self._sample_folder(cell, dataset) if streams(dataset) else None
+        keep_x0, keep_x_T = folder is None or self.config.save_samples, self.config.save_samples
+        kept_x_T, kept_x0, nonfinite = [], [], 0
+
+        def take(indices: range, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            nonlocal nonfinite
+            x_T, x0 = out
+            nonfinite += count_nonfinite(x0)
+            if folder is not None and not nonfinite:  # the cell fails: write nothing after a bad batch
+                folder.write(indices, x0)
+            if keep_x0:
+                kept_x0.append(x0)
+            if keep_x_T:
+                kept_x_T.append(x_T)
+
         bs = self._batch_size()
         batches = self.shard.batches(self.config.num_samples, bs)  # the first is timed
         if not batches:  # more ranks than batches
@@ -383,16 +446,17 @@ class GridRunner:
             out = decode(out, decode_times)  # timed apart: wall_s is sampling only
             model_times.append(denoiser.stats.model_time())
             first = first or (out, denoiser.stats.nfe)
-        (x_T0, samples0), nfe = first
-        rest = [decode(sample(batch), []) for batch in batches[1:]]
-        x_T = torch.cat([x_T0] + [r[0] for r in rest])
-        samples = torch.cat([samples0] + [r[1] for r in rest])
+        out, nfe = first
+        take(batches[0], out)
+        for batch in batches[1:]:
+            take(batch, decode(sample(batch), []))
         wall, wall_std = summarize(times)
         indices = [i for batch in batches for i in batch]
-        generated = Generated(samples, x_T, class_labels(denoiser, indices, self.device), nfe, wall, wall_std,
+        generated = Generated(torch.cat(kept_x0) if keep_x0 else None, torch.cat(kept_x_T) if keep_x_T else None,
+                              class_labels(denoiser, indices, self.device), nfe, wall, wall_std,
                               summarize(model_times)[0], warmup[0], batches, len(batches[0]) / wall,
                               summarize(decode_times)[0] if decoder is not None else None,
-                              decoder.info if decoder is not None else None)
+                              decoder.info if decoder is not None else None, nonfinite)
         return generated.cpu() if self.shard.world_size > 1 else generated
 
     def _timing_columns(self, g: Generated, steps: int) -> dict:
@@ -407,22 +471,26 @@ class GridRunner:
             columns |= {"decode_ms": 1e3 * g.decode_s, **g.decoder_info}
         return columns
 
-    def _metrics(self, cell: Cell, g: Generated, dataset: DataSource, denoiser) -> tuple[dict, dict]:
+    def _metrics(self, cell: Cell, samples: SampleSet, labels: torch.Tensor | None, dataset: DataSource,
+                 denoiser) -> tuple[dict, dict]:
+        """Each metric gets the SampleSet (``Metric.streaming``) or all samples as one tensor."""
         key = cell.dataset.label  # the label: one dataset with two option sets is two references
         if key not in self._references:
             self._references[key] = dataset.reference(max(REFERENCE_SIZE, self.config.num_samples))
         ref_x, ref_y = self._references[key]
         # A model conditioned on its own prompts (diffusers[prompts=FILE]) has labels that are not the dataset's.
-        labels = g.labels if getattr(denoiser, "conditions_on_dataset", True) else None
+        labels = labels if getattr(denoiser, "conditions_on_dataset", True) else None
         ctx = MetricContext(dataset=dataset, reference=ref_x, reference_labels=ref_y, labels=labels,
                             denoiser=denoiser, device=self.device, seed=self.config.seed)
+        load_all = functools.cache(samples.load_all)  # once per cell, for the metrics that take a tensor
         values, directions = {}, {}
         for ref in self.config.metrics:
             metric = self.registry.get("metrics", ref.name)
             if metric.family != dataset.modality:
                 continue
             try:
-                result = _call(metric, metric.compute, g.samples, ctx, **self.registry.options("metrics", ref))
+                result = _call(metric, metric.compute, samples if metric.streaming else load_all(), ctx,
+                               **self.registry.options("metrics", ref))
             except Incompatible as exc:
                 log.info("metric %s not applicable to %s: %s", ref.label, cell.slug, exc)
                 continue
@@ -435,7 +503,7 @@ class GridRunner:
         return values, directions
 
     # ---- artefacts -------------------------------------------------------------------------
-    def _save(self, cell: Cell, g: Generated, dataset: DataSource) -> None:
+    def _save(self, cell: Cell, g: Generated, samples: SampleSet, dataset: DataSource) -> None:
         samples_dir = self.out_dir / "samples"
         if self.config.save_samples:
             from safetensors.torch import save
@@ -443,16 +511,16 @@ class GridRunner:
             tensors = {"x_T": g.x_T.contiguous().cpu(), "x_0": g.samples.contiguous().cpu()}
             atomic_write_bytes(samples_dir / f"{cell.slug}.safetensors", save(tensors))
         if dataset.modality == "points":
-            plot_point_cell(self._references[cell.dataset.label][0], g.samples[:2000].cpu(),
+            plot_point_cell(self._references[cell.dataset.label][0], samples.read(0, 2000).cpu(),
                             samples_dir / f"{cell.slug}.png")
         elif dataset.modality == "image":
             from torchvision.utils import save_image
 
             buffer = io.BytesIO()
-            save_image((g.samples[:64].float().cpu() + 1) / 2, buffer, format="png", nrow=8)
+            save_image((samples.read(0, 64).float().cpu() + 1) / 2, buffer, format="png", nrow=8)
             atomic_write_bytes(samples_dir / f"{cell.slug}.png", buffer.getvalue())
         elif dataset.modality == "text" and "decode" in dataset.info:
-            text = "\n".join(dataset.info["decode"](seq) for seq in g.samples[:32].cpu())
+            text = "\n".join(dataset.info["decode"](seq) for seq in samples.read(0, 32).cpu())
             atomic_write_text(samples_dir / f"{cell.slug}.txt", text + "\n")
 
     def _plots(self) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from diffbench.grid import Cell, RunConfig
 from diffbench.registry import Registry
-from diffbench.runner import CellResult, GridRunner, base_row, log, resolve_device
+from diffbench.runner import CellResult, GridRunner, base_row, discard_samples, log, resolve_device
 
 START_TIMEOUT_S = 300.0  # building the registry in a fresh worker (imports every plugin)
 
@@ -156,6 +156,7 @@ class Supervisor:
             row.update(status="failed", reason=f"worker process {exc} (model {cell.model.label!r}, sampler "
                                                f"{cell.sampler.label!r})")
             log.error("failed %s: %s", cell.slug, row["reason"])
+            discard_samples(self.config, self.out_dir, cell)  # what the dead worker streamed
             return CellResult(row, {})
 
     def stop(self, kill: bool = False) -> None:

@@ -22,9 +22,9 @@ import diffbench
 from diffbench.checkpoints import training_output
 from diffbench.metrics import MetricContext
 from diffbench.registry import Incompatible, Metric
+from diffbench.samples import SampleSet, as_sample_set, from_uint8, to_uint8
 from diffbench.training import TrainConfig, train
 from diffbench_plugins.classifier import ConvClassifier, load_classifier
-from diffbench_plugins.image_data import to_uint8
 from diffbench_plugins.text_image_data import ATTRIBUTES, attribute_indices, draw_captioned_shapes, load_shapes_text
 
 HEAD_SIZES = [len(values) for values in ATTRIBUTES.values()]  # logits slices, one per attribute
@@ -68,15 +68,17 @@ def caption_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (predicted == attribute_indices(labels)).float().mean(1)
 
 
-def compute_caption_acc(samples, ctx: MetricContext) -> dict[str, float]:
+def compute_caption_acc(samples: SampleSet | torch.Tensor, ctx: MetricContext) -> dict[str, float]:
     if "attributes" not in ctx.dataset.info or not hasattr(ctx.dataset, "held_out"):
         raise Incompatible(f"caption-acc needs a captioned dataset (shapes-text); {ctx.dataset.name!r} has no attributes")
     if ctx.labels is None:
         raise Incompatible("caption-acc needs samples conditioned on the dataset's captions (the model is "
                            "unconditional, or conditioned on its own prompts)")
     net = load_classifier(f"{ctx.dataset.name}-cnn", ctx.device)
-    x = to_uint8(samples).float() / 127.5 - 1  # judge what an image file would hold
-    scores = caption_accuracy(predict_attributes(net, x.to(ctx.device)).cpu(), ctx.labels.cpu())
+    # judge what an image file holds (streamed samples are read back from such files), a batch at a time
+    predicted = torch.cat([predict_attributes(net, from_uint8(to_uint8(x)).to(ctx.device)).cpu()
+                           for x in as_sample_set(samples).batches(512)])
+    scores = caption_accuracy(predicted, ctx.labels.cpu())
     held_out = torch.isin(ctx.labels.cpu(), torch.tensor(ctx.dataset.held_out, dtype=torch.long))
     groups = {"caption-acc[seen]": ~held_out, "caption-acc[held-out]": held_out}
     return {column: float(scores[group].mean()) for column, group in groups.items() if group.any()}  # no empty mean
@@ -99,7 +101,7 @@ def main(argv=None):
 
 @diffbench.hookimpl
 def register_metrics(register):
-    register(Metric(name="caption-acc", family="image", compute=compute_caption_acc, higher_is_better=True,
+    register(Metric(name="caption-acc", family="image", compute=compute_caption_acc, higher_is_better=True, streaming=True,
                     description="fraction of caption attributes (colour, shape, size, position) the shipped attribute "
                                 "classifier sees; columns caption-acc[seen] / caption-acc[held-out]"))
 

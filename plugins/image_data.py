@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import diffbench
 from diffbench.data import DataSource
 from diffbench.registry import ConfigError, Dataset, Option
+from diffbench.samples import to_uint8  # noqa: F401  (the quantisation, re-exported for image plugins)
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -170,11 +171,6 @@ def load_cifar10(path: str = "", split: str = "train", limit: int = 0) -> DataSo
         images, labels = images[:limit], labels[:limit]
     return DataSource(name="cifar10", modality="image", shape=(3, 32, 32), examples=images.float() / 127.5 - 1,
                       labels=labels, num_classes=10, info={"class_names": list(CIFAR10_CLASSES)})
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 in [0, 255] (the quantisation every image metric uses)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @diffbench.hookimpl

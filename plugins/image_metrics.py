@@ -42,8 +42,8 @@ from diffbench.io import atomic_write_bytes
 from diffbench.metrics import MetricContext
 from diffbench.process import VPDiscrete
 from diffbench.registry import Incompatible, Metric, Option
+from diffbench.samples import SampleSet, as_sample_set, from_uint8, to_uint8
 from diffbench_plugins.classifier import load_classifier
-from diffbench_plugins.image_data import to_uint8
 
 INCEPTION_ENV = "DIFFBENCH_INCEPTION_WEIGHTS"
 
@@ -73,7 +73,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         raise NotImplementedError
 
     def forward(self, x):
-        feats = self.net.features(x.float() / 127.5 - 1)  # [B, F]
+        feats = self.net.features(from_uint8(x))  # [B, F]
         out = {"features": feats, "logits": self.net.head(feats)}
         return tuple(out[name] for name in self.features_list)
 
@@ -84,19 +84,25 @@ def register_domain_extractor(name: str) -> None:
 
 
 class Uint8Images(torch.utils.data.Dataset):
-    """[N, C, H, W] float images in [-1, 1] as the uint8 tensors torch-fidelity expects
-    (grey images repeated to 3 channels when the extractor needs RGB)."""
+    """The images [C, H, W] of a SampleSet as the uint8 tensors torch-fidelity expects (grey images
+    repeated to 3 channels when the extractor needs RGB), read ``batch_size`` at a time: its data
+    loader asks for them in order, so one batch is in memory at a time."""
 
-    def __init__(self, images: torch.Tensor, rgb: bool = False):
-        self.images = to_uint8(images.cpu())
-        if rgb and self.images.shape[1] == 1:
-            self.images = self.images.expand(-1, 3, -1, -1)
+    def __init__(self, images: SampleSet | torch.Tensor, rgb: bool = False, batch_size: int = 256):
+        self.images, self.rgb, self.batch_size = as_sample_set(images), rgb, batch_size
+        self._batch_index, self._batch = None, None
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.images[i]
+        index, offset = divmod(i, self.batch_size)
+        if index != self._batch_index:
+            start = index * self.batch_size
+            batch = to_uint8(self.images.read(start, start + self.batch_size).cpu())  # [B, C, H, W]
+            self._batch_index, self._batch = index, batch.expand(-1, 3, -1, -1) if self.rgb and batch.shape[1] == 1 \
+                else batch
+        return self._batch[offset]
 
 
 def _extractor(ctx: MetricContext, extractor: str, inception_weights: str) -> tuple[str, str, dict]:
@@ -139,8 +145,9 @@ class Features:
     reference: torch.Tensor
 
 
-def _extract(images: torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool, extra: dict) -> torch.Tensor:
-    """torch-fidelity's own feature extraction of [N, C, H, W] images in [-1, 1] -> [N, F]."""
+def _extract(images: SampleSet | torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool,
+             extra: dict) -> torch.Tensor:
+    """torch-fidelity's own feature extraction of N images [C, H, W] in [-1, 1] -> [N, F]."""
     layer = FEATURE_EXTRACTORS_REGISTRY[fe_name].get_default_feature_layer_for_metric("fid")
     cuda = ctx.device.type == "cuda"
     extractor = create_feature_extractor(fe_name, [layer], cuda=cuda, verbose=False, **extra)
@@ -148,7 +155,7 @@ def _extract(images: torch.Tensor, fe_name: str, ctx: MetricContext, rgb: bool, 
                                          save_cpu_ram=True, verbose=False)[layer]
 
 
-def features(samples: torch.Tensor, ctx: MetricContext, extractor: str, inception_weights: str) -> Features:
+def features(samples: SampleSet | torch.Tensor, ctx: MetricContext, extractor: str, inception_weights: str) -> Features:
     """Features of the samples and of ctx.reference (cached on disk); computed once per cell and
     extractor. Records the protocol column, and a warning when there are fewer samples than feature
     dimensions (the covariance is then rank-deficient: FID is not a stable number)."""
@@ -242,8 +249,9 @@ def compute_class_acc(samples, ctx: MetricContext, ci_rounds: int = 100):
     if net.head.out_features != ctx.dataset.num_classes:  # e.g. shapes-text's attribute heads (caption-acc)
         raise Incompatible(f"class-acc: {ctx.dataset.name}-cnn has {net.head.out_features} outputs, the dataset "
                            f"{ctx.dataset.num_classes} classes")
-    x = to_uint8(samples).float() / 127.5 - 1  # classify what an image file would hold
-    preds = torch.cat([net(x[i:i + 512].to(ctx.device)).argmax(1).cpu() for i in range(0, len(x), 512)])
+    # classify what an image file holds (streamed samples are read back from such files)
+    preds = torch.cat([net(from_uint8(to_uint8(x)).to(ctx.device)).argmax(1).cpu()
+                       for x in as_sample_set(samples).batches(512)])
     correct = (preds == ctx.labels.cpu()).double()  # [N]
     record_ci95(ctx, "class-acc", lambda index: float(correct[index].mean()), len(correct), ci_rounds)
     return float(correct.mean())
@@ -305,7 +313,7 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
         raise Incompatible("nll-bpd needs a Gaussian model on the discrete VP process (Ho et al. 2020's bound)")
     if getattr(den, "decoder", None) is not None:
         raise Incompatible("nll-bpd bounds log p of pixels; a latent model's bound would be on its latents")
-    x0 = to_uint8(ctx.reference[:num_images]).float().to(ctx.device) / 127.5 - 1
+    x0 = from_uint8(to_uint8(ctx.reference[:num_images])).to(ctx.device)
     labels = ctx.reference_labels[:num_images].to(ctx.device) if ctx.reference_labels is not None else None
     if den.num_classes and labels is not None:
         den = den.conditioned(labels)  # the class-conditional bound log p(x0 | y)
@@ -325,18 +333,19 @@ def compute_nll_bpd(samples, ctx: MetricContext, num_images: int = 256, num_step
 def register_metrics(register):
     feature_options = {"extractor": Option("auto", choices=("auto", "domain", "inception")), "inception_weights": ""}
     ci_rounds = {"ci_rounds": Option(100, min=0)}  # bootstrap rounds of the _ci95 column (0: none)
-    register(Metric(name="fid", family="image", compute=compute_fid, options={**feature_options, **ci_rounds},
+    register(Metric(name="fid", family="image", streaming=True, compute=compute_fid,
+                    options={**feature_options, **ci_rounds},
                     description="FID via torch-fidelity; column fid[<extractor>] (domain CNN or local Inception-v3), "
                                 "bootstrap 95% interval in fid[<extractor>]_ci95"))
-    register(Metric(name="kid", family="image", compute=compute_kid,
+    register(Metric(name="kid", family="image", streaming=True, compute=compute_kid,
                     options={**feature_options, "ci_rounds": Option(20, min=0)},
                     description="KID (mean over subsets) via torch-fidelity; column kid[<extractor>] (+ _ci95)"))
-    register(Metric(name="precision-recall", family="image", compute=compute_precision_recall, higher_is_better=True,
-                    options={**feature_options, "neighborhood": Option(3, min=1)},
+    register(Metric(name="precision-recall", family="image", streaming=True, compute=compute_precision_recall,
+                    higher_is_better=True, options={**feature_options, "neighborhood": Option(3, min=1)},
                     description="improved precision / recall (Kynkäänniemi et al. 2019) via torch-fidelity"))
-    register(Metric(name="class-acc", family="image", compute=compute_class_acc, higher_is_better=True,
+    register(Metric(name="class-acc", family="image", streaming=True, compute=compute_class_acc, higher_is_better=True,
                     options=ci_rounds, description="accuracy of the shipped domain classifier on class-conditional "
                                                    "samples (+ class-acc_ci95)"))
-    register(Metric(name="nll-bpd", family="image", compute=compute_nll_bpd,
+    register(Metric(name="nll-bpd", family="image", streaming=True, compute=compute_nll_bpd,
                     options={"num_images": Option(256, min=1), "num_steps": Option(50, min=1)},
                     description="DDPM variational bound (Ho et al. eq. 5) in bits/dim on held-out images"))

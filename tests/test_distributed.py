@@ -21,7 +21,7 @@ from diffbench.distributed import Shard, assemble, feature_moments, moments_to_s
 # 200 samples in batches of 48: 5 batches (the last of 8), so 2 and 3 ranks get unequal shares.
 GRID = ["run", "--models", "gmm-oracle,unet", "--samplers", "ddpm,ddim", "--steps", "4",
         "--datasets", "gmm-2d,digits", "--metrics", "swd,fid,precision-recall", "--num-samples", "200",
-        "--batch-size", "48", "--repeats", "1", "--save-samples", "--quiet"]
+        "--batch-size", "48", "--repeats", "1", "--save-samples", "--keep-samples", "--quiet"]
 RANK_BOMB = textwrap.dedent('''
     """DDIM, except on rank 1: raises (mode=raise) or hangs (mode=hang)."""
     import os
@@ -74,6 +74,8 @@ def assert_same_run(sharded, one, world_size: int) -> None:
     for saved in (one / "samples").glob("*.safetensors"):
         x, y = load_file(str(saved)), load_file(str(sharded / "samples" / saved.name))
         assert torch.equal(x["x_T"], y["x_T"]) and torch.equal(x["x_0"], y["x_0"]), saved.name  # bit for bit
+    streamed = sorted(p.relative_to(one) for p in (one / "samples").glob("*/*.png"))  # every rank wrote its batches
+    assert len(streamed) == 2 * 200 and all((one / p).read_bytes() == (sharded / p).read_bytes() for p in streamed)
 
 
 def test_two_ranks_equal_one_process_and_a_raising_rank_fails_its_cell(one_process, tmp_path):
