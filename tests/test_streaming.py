@@ -4,9 +4,6 @@ samples is alive while metrics run, --keep-samples keeps the folder and otherwis
 when the cell fails or its worker dies."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pandas as pd
@@ -17,7 +14,7 @@ from torch_fidelity.datasets import ImagesPathDataset
 
 from diffbench.cli import main
 from diffbench.metrics import MetricContext
-from diffbench.samples import PNGFolder, TensorSamples, from_uint8, to_uint8
+from diffbench.samples import PNGFolder, from_uint8, to_uint8
 
 PROBE = textwrap.dedent('''
     """Image metrics that report what they were given, and one that fails."""
