@@ -312,13 +312,10 @@ class GridRunner:
 
     # ---- one cell ------------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> CellResult:
-        """Run one cell here; every outcome is a row (peak memory over the whole cell, warm-up included)."""
+        """Run one cell here; every outcome is a row."""
         row = base_row(self.config, cell, self.registry, self.device, self.shard.world_size)
         try:
-            with PeakMemory(self.device) as memory:
-                result = self._run_cell(cell, row)
-            result.row["peak_mem_mb"] = memory.peak_mb
-            return result
+            return self._run_cell(cell, row)
         except Incompatible as exc:
             row.update(status="skipped", reason=str(exc))
             log.info("skipped %s: %s", cell.slug, exc)
@@ -340,9 +337,15 @@ class GridRunner:
     def _run_cell(self, cell: Cell, row: dict) -> CellResult:
         sampler = self.registry.get("samplers", cell.sampler.name)
         options = self.registry.options("samplers", cell.sampler)
-        shares = self.shard.gather(lambda: self._generate(cell, sampler, options), cell.slug)
+        # Peak memory is that of making the samples (warm-up, timed runs, decoding, writing them), above
+        # the cell's model and dataset, loaded first: a row reads the same whether or not an earlier
+        # cell loaded its model, and the metrics' one-off reference features count in no row.
+        self._model(cell.model, cell.dataset, self._dataset(cell.dataset))
+        with PeakMemory(self.device) as memory:
+            shares = self.shard.gather(lambda: self._generate(cell, sampler, options), cell.slug)
         if shares is None:  # not rank 0: rank 0 writes the row
             return CellResult(row, {})
+        row["peak_mem_mb"] = memory.peak_mb
         generated = merge_shares(shares, self.config.num_samples, self.device)
         dataset = self._dataset(cell.dataset)
         denoiser = self._model(cell.model, cell.dataset, dataset)
