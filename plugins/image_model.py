@@ -113,9 +113,10 @@ class ImageModelPlugin:
         return net, process, num_classes, opts
 
     def train(self, dataset, out=None, *, device="cpu", steps=None, batch_size=None, lr=None, seed=0,
-              label_dropout=0.1, progress=True, init="", **options) -> Path:
+              label_dropout=0.1, min_snr_gamma=0.0, progress=True, init="", **options) -> Path:
         """Train with the simple loss (Ho et al. eq. 14) and label dropout for CFG; EMA weights are saved.
-        ``init``: start from the weights of this checkpoint (continued training, fresh optimizer)."""
+        ``init``: start from the weights of this checkpoint (continued training, fresh optimizer).
+        ``min_snr_gamma`` > 0: Min-SNR-γ loss weighting (Hang et al. 2023; γ = 5 in the paper)."""
         opts = self._resolve(dataset, options)
         net, process, num_classes = self.network(dataset, opts)
         if init:
@@ -128,20 +129,21 @@ class ImageModelPlugin:
                              {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()})
         out = training_output(checkpoint_name(self.name, dataset.name, opts, self._checkpoint_defaults(dataset.name),
                                               ignore=("clip_denoised",)), out)
-        loss_fn = self.loss(process, opts, num_classes, label_dropout)
+        loss_fn = self.loss(process, opts, num_classes, label_dropout, float(min_snr_gamma))
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
-                  **({"init": str(init)} if init else {})}
+                  **({"init": str(init)} if init else {}), **({"min_snr_gamma": float(min_snr_gamma)} if min_snr_gamma else {})}
         train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
         return checkpoint_files(out)[0]
 
-    def loss(self, process, opts: dict, num_classes: int, label_dropout: float) -> Callable:
+    def loss(self, process, opts: dict, num_classes: int, label_dropout: float, min_snr_gamma: float = 0.0) -> Callable:
         """``loss_fn(net, x0, labels, generator)`` for :func:`train` (subclasses swap the objective)."""
         parameterization = opts["parameterization"]
 
         def loss_fn(model, batch, batch_labels, generator):
             return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
-                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
+                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes,
+                                  min_snr_gamma=min_snr_gamma)
         return loss_fn
 
     def register(self, register, description: str):
