@@ -29,7 +29,7 @@ class NonFiniteLoss(RuntimeError):
 
 # The knobs of every train function that take them (``diffbench train --set``), with their ranges.
 TRAINER_OPTIONS = {"steps": Option(2000, min=1), "batch_size": Option(256, min=1), "lr": Option(2e-3, min=0.0),
-                   "seed": Option(0, min=0)}
+                   "seed": Option(0, min=0), "min_snr_gamma": Option(0.0, min=0.0)}
 
 
 def train_option_specs(model: Model) -> dict[str, Option]:
