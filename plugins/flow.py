@@ -151,8 +151,9 @@ class FlowImagePlugin(ImageModelPlugin):
         return loss_fn
 
 
-# The U-Net's configs, per-dataset defaults and training budgets; only the objective differs.
-FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet"})
+# The U-Net's configs, per-dataset configs and training budgets; only the objective (and its
+# parameterization, velocity everywhere) differs.
+FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet", "dataset_options": {}})
 
 
 # --- ODE samplers ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ to the data range as the DDPM reference sampler does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +60,9 @@ class ImageModelPlugin:
     train_defaults: dict  # dataset name -> TrainConfig keyword overrides
     # The datasets it runs on when nobody names any (Model.datasets); empty: those its checkpoints cover.
     run_datasets: tuple[str, ...] = ()
+    # dataset name -> option defaults that differ there (e.g. parameterization v on shapes); a checkpoint's
+    # name is relative to them, as to the dataset's default config.
+    dataset_options: dict = field(default_factory=dict)
 
     def options(self) -> dict:
         return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": "",
@@ -68,7 +71,7 @@ class ImageModelPlugin:
     def _resolve(self, dataset, options: dict) -> dict:
         if dataset.modality != "image":
             raise Incompatible(f"{self.name} models images; {dataset.name!r} is {dataset.modality}")
-        opts = {**self.options(), **options}
+        opts = {**self.options(), **self.dataset_options.get(dataset.name, {}), **options}
         opts["config"] = opts["config"] or self.dataset_defaults.get(dataset.name, self.fallback_config)
         if opts["config"] not in self.configs:
             raise Incompatible(f"{self.name}: unknown config {opts['config']!r}; valid: {', '.join(self.configs)}")
@@ -78,8 +81,9 @@ class ImageModelPlugin:
         return opts
 
     def _checkpoint_defaults(self, dataset_name: str) -> dict:
-        """The options a checkpoint name is relative to: the dataset's default config is no change."""
-        return {**self.options(), "config": self.dataset_defaults.get(dataset_name, self.fallback_config)}
+        """The options a checkpoint name is relative to: the dataset's default config and options are no change."""
+        return {**self.options(), **self.dataset_options.get(dataset_name, {}),
+                "config": self.dataset_defaults.get(dataset_name, self.fallback_config)}
 
     def network(self, dataset, opts: dict):
         process = make_process(opts["process"])
