@@ -150,4 +150,4 @@ DIT_PLUGIN = ImageModelPlugin(
 @diffbench.hookimpl
 def register_models(register):
     DIT_PLUGIN.register(register, "Diffusion Transformer (adaLN-Zero), DiT-S/B/L/XL with patch 2/4/8 and tiny configs; "
-                                  "class-conditional with a null class for CFG; shipped for digits and shapes")
+                                  "class-conditional with a null class for CFG; shipped for digits (ε-prediction) and shapes (v)")

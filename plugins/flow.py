@@ -151,9 +151,8 @@ class FlowImagePlugin(ImageModelPlugin):
         return loss_fn
 
 
-# The U-Net's configs, per-dataset configs and training budgets; only the objective (and its
-# parameterization, velocity everywhere) differs.
-FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet", "dataset_options": {}})
+# The U-Net's configs, per-dataset defaults and training budgets; only the objective differs.
+FLOW_UNET_PLUGIN = FlowImagePlugin(**{**vars(UNET_PLUGIN), "name": "flow-unet"})
 
 
 # --- ODE samplers ---------------------------------------------------------------------------

@@ -60,19 +60,27 @@ class ImageModelPlugin:
     train_defaults: dict  # dataset name -> TrainConfig keyword overrides
     # The datasets it runs on when nobody names any (Model.datasets); empty: those its checkpoints cover.
     run_datasets: tuple[str, ...] = ()
-    # dataset name -> option defaults that differ there (e.g. parameterization v on shapes); a checkpoint's
-    # name is relative to them, as to the dataset's default config.
+    # dataset name -> what an empty option means there besides its config (parameterization: eps unless
+    # given, e.g. v on shapes); a checkpoint's name is relative to these, as to the dataset's default config.
     dataset_options: dict = field(default_factory=dict)
 
     def options(self) -> dict:
-        return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": "",
+        """Defaults; an empty ``config`` or ``parameterization`` is the dataset's (:meth:`dataset_defaults_for`)."""
+        return {"config": "", "process": "vp-linear", "parameterization": "", "class_cond": True, "checkpoint": "",
                 "clip_denoised": True}
+
+    def dataset_defaults_for(self, dataset_name: str) -> dict:
+        """What the empty options mean on this dataset: its default config and parameterization."""
+        return {"config": self.dataset_defaults.get(dataset_name, self.fallback_config), "parameterization": "eps",
+                **self.dataset_options.get(dataset_name, {})}
+
+    def _fill_empty(self, opts: dict, dataset_name: str) -> dict:
+        return opts | {k: v for k, v in self.dataset_defaults_for(dataset_name).items() if opts[k] == ""}
 
     def _resolve(self, dataset, options: dict) -> dict:
         if dataset.modality != "image":
             raise Incompatible(f"{self.name} models images; {dataset.name!r} is {dataset.modality}")
-        opts = {**self.options(), **self.dataset_options.get(dataset.name, {}), **options}
-        opts["config"] = opts["config"] or self.dataset_defaults.get(dataset.name, self.fallback_config)
+        opts = self._fill_empty({**self.options(), **options}, dataset.name)
         if opts["config"] not in self.configs:
             raise Incompatible(f"{self.name}: unknown config {opts['config']!r}; valid: {', '.join(self.configs)}")
         if opts["parameterization"] not in ("eps", "v", "velocity"):
@@ -82,8 +90,7 @@ class ImageModelPlugin:
 
     def _checkpoint_defaults(self, dataset_name: str) -> dict:
         """The options a checkpoint name is relative to: the dataset's default config and options are no change."""
-        return {**self.options(), **self.dataset_options.get(dataset_name, {}),
-                "config": self.dataset_defaults.get(dataset_name, self.fallback_config)}
+        return self._fill_empty(self.options(), dataset_name)
 
     def network(self, dataset, opts: dict):
         process = make_process(opts["process"])

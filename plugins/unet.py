@@ -189,4 +189,4 @@ UNET_PLUGIN = ImageModelPlugin(
 @diffbench.hookimpl
 def register_models(register):
     UNET_PLUGIN.register(register, "DDPM/ADM U-Net (ResNet blocks, GroupNorm, attention, skips); class-conditional "
-                                   "with a null class for CFG; shipped for digits and shapes")
+                                   "with a null class for CFG; shipped for digits (ε-prediction) and shapes (v)")
