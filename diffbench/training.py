@@ -20,7 +20,8 @@ from diffbench.denoiser import append_dims
 from diffbench.registry import Model, Option
 
 __all__ = ["TrainConfig", "train", "denoising_loss", "regression_target", "min_snr_weight", "drop_labels",
-           "sample_train_times", "ema_update", "half_precision_weights", "NonFiniteLoss", "TRAINER_OPTIONS", "train_option_specs"]
+           "sample_train_times", "ema_update", "half_precision_weights", "NonFiniteLoss", "TRAINER_OPTIONS",
+           "train_option_specs"]
 
 
 class NonFiniteLoss(RuntimeError):

@@ -143,7 +143,8 @@ class ImageModelPlugin:
         loss_fn = self.loss(process, opts, num_classes, label_dropout, float(min_snr_gamma))
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
-                  **({"init": str(init)} if init else {}), **({"min_snr_gamma": float(min_snr_gamma)} if min_snr_gamma else {})}
+                  **({"init": str(init)} if init else {}),
+                  **({"min_snr_gamma": float(min_snr_gamma)} if min_snr_gamma else {})}
         train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
         return checkpoint_files(out)[0]
 

@@ -44,7 +44,8 @@ def main(model: str, checkpoints: tuple[str, ...], dataset: str, num: int):
     columns = {}
     for path in checkpoints:
         denoiser = registry.get("models", model).load(data, checkpoint=path, clip_denoised=False)
-        columns[f"{path} ({denoiser.parameterization})"] = x0_errors(denoiser, x0, labels, torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        columns[f"{path} ({denoiser.parameterization})"] = x0_errors(denoiser, x0, labels, generator)
     process = denoiser.process
     print("| t | SNR | " + " | ".join(f"{name}: x̂0 mse / background" for name in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
