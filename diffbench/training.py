@@ -19,8 +19,9 @@ from diffbench.checkpoints import checkpoint_files, checkpoint_stem, load_checkp
 from diffbench.denoiser import append_dims
 from diffbench.registry import Model, Option
 
-__all__ = ["TrainConfig", "train", "denoising_loss", "regression_target", "drop_labels", "sample_train_times",
-           "ema_update", "half_precision_weights", "NonFiniteLoss", "TRAINER_OPTIONS", "train_option_specs"]
+__all__ = ["TrainConfig", "train", "denoising_loss", "regression_target", "min_snr_weight", "drop_labels",
+           "sample_train_times", "ema_update", "half_precision_weights", "NonFiniteLoss", "TRAINER_OPTIONS",
+           "train_option_specs"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -29,7 +30,7 @@ class NonFiniteLoss(RuntimeError):
 
 # The knobs of every train function that take them (``diffbench train --set``), with their ranges.
 TRAINER_OPTIONS = {"steps": Option(2000, min=1), "batch_size": Option(256, min=1), "lr": Option(2e-3, min=0.0),
-                   "seed": Option(0, min=0)}
+                   "seed": Option(0, min=0), "min_snr_gamma": Option(0.0, min=0.0)}
 
 
 def train_option_specs(model: Model) -> dict[str, Option]:
@@ -196,16 +197,46 @@ def regression_target(parameterization: str, process, t, x0, eps):
     raise ValueError(f"no regression target for parameterization {parameterization!r}")
 
 
+def min_snr_weight(parameterization: str, process, t, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, §3.4) for a network regressing ``parameterization``'s target.
+
+    Min-SNR-γ weights the x0-space loss ‖x0 − x̂0‖² at time t by min(SNR(t), γ), SNR = α²/σ².
+    A network regressing its own target y has ‖y − ŷ‖² = k(t) ‖x0 − x̂0‖² (k = 1 / (∂x̂0/∂ŷ)²,
+    from the conversions in :meth:`Denoiser.to_x0`), so the weight on its loss is min(SNR, γ) / k:
+    k = SNR for ε (weight min(1, γ / SNR)), 1 for x0, (α² + σ²)² / σ² for v (SNR + 1 on VP).
+    """
+    a, s = process.alpha(t), process.sigma(t)
+    snr = (a / s) ** 2
+    if parameterization == "eps":
+        k = snr
+    elif parameterization == "x0":
+        k = torch.ones_like(snr)
+    elif parameterization == "v":
+        k = (a**2 + s**2) ** 2 / s**2
+    elif parameterization == "score":
+        k = a**2 / s**4
+    elif parameterization == "velocity":
+        da, ds = process.alpha_sigma_derivatives(t)
+        k = ((a * ds - s * da) / s) ** 2
+    else:
+        raise ValueError(f"no Min-SNR weight for parameterization {parameterization!r}")
+    return snr.clamp(max=gamma) / k
+
+
 def denoising_loss(net, process, parameterization: str, x0, labels, generator, label_dropout: float = 0.0,
-                   null_class: int | None = None):
+                   null_class: int | None = None, min_snr_gamma: float = 0.0):
     """The simple loss of Ho et al. 2020 (eq. 14) for any parameterization: E‖target − net(x_t, t)‖².
 
     With ``label_dropout`` > 0, labels are replaced by ``null_class`` with that probability
-    (classifier-free guidance training, Ho & Salimans 2022).
+    (classifier-free guidance training, Ho & Salimans 2022). With ``min_snr_gamma`` > 0, each
+    sample's error is weighted by :func:`min_snr_weight` (Min-SNR-γ; the paper uses γ = 5).
     """
     t = sample_train_times(process, len(x0), generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = append_dims(process.alpha(t), x0) * x0 + append_dims(process.sigma(t), x0) * eps
     labels = drop_labels(labels, label_dropout, null_class, generator)
     target = regression_target(parameterization, process, t, x0, eps)
-    return torch.mean((net(x_t, t.float(), labels) - target) ** 2)
+    err = (net(x_t, t.float(), labels) - target) ** 2  # [B, ...]
+    if min_snr_gamma > 0:
+        err = err * append_dims(min_snr_weight(parameterization, process, t, min_snr_gamma).to(err.dtype), err)
+    return torch.mean(err)

@@ -140,6 +140,10 @@ DIT_PLUGIN = ImageModelPlugin(
     dataset_defaults={"digits": "DiT-tiny/2", "shapes": "DiT-tiny/4"}, fallback_config="DiT-S/4",
     train_defaults={"digits": {"steps": 1000, "batch_size": 128, "lr": 1e-3},
                     "shapes": {"steps": 700, "batch_size": 32, "lr": 1e-3}},
+    # v-prediction on shapes: an ε-model's x̂0 = (x − σ ε̂) / α is noise at low SNR (σ/α ≈ 150 at
+    # t ≈ T), and clipping it to [-1, 1] greys the background; v predicts x̂0 there directly
+    # (Salimans & Ho 2022, §4; docs/checkpoints.md).
+    dataset_options={"shapes": {"parameterization": "v"}},
     run_datasets=("digits",),  # as the U-Net: shapes cells are slow on CPU
 )
 
@@ -147,4 +151,5 @@ DIT_PLUGIN = ImageModelPlugin(
 @diffbench.hookimpl
 def register_models(register):
     DIT_PLUGIN.register(register, "Diffusion Transformer (adaLN-Zero), DiT-S/B/L/XL with patch 2/4/8 and tiny configs; "
-                                  "class-conditional with a null class for CFG; shipped for digits and shapes")
+                                  "class-conditional with a null class for CFG; shipped for digits (ε-prediction) "
+                                  "and shapes (v)")

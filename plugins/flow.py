@@ -139,7 +139,10 @@ class FlowImagePlugin(ImageModelPlugin):
                                f"for other processes use unet")
         return opts
 
-    def loss(self, process, opts: dict, num_classes: int, label_dropout: float):
+    def loss(self, process, opts: dict, num_classes: int, label_dropout: float, min_snr_gamma: float = 0.0):
+        if min_snr_gamma:
+            raise Incompatible(f"{self.name}: min_snr_gamma weights the diffusion loss of unet / dit; "
+                               f"the flow-matching loss takes no weighting (leave it 0)")
         ot = opts["ot"]
 
         def loss_fn(model, batch, labels, generator):

@@ -5,7 +5,7 @@ to the data range as the DDPM reference sampler does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -60,16 +60,27 @@ class ImageModelPlugin:
     train_defaults: dict  # dataset name -> TrainConfig keyword overrides
     # The datasets it runs on when nobody names any (Model.datasets); empty: those its checkpoints cover.
     run_datasets: tuple[str, ...] = ()
+    # dataset name -> what an empty option means there besides its config (parameterization: eps unless
+    # given, e.g. v on shapes); a checkpoint's name is relative to these, as to the dataset's default config.
+    dataset_options: dict = field(default_factory=dict)
 
     def options(self) -> dict:
-        return {"config": "", "process": "vp-linear", "parameterization": "eps", "class_cond": True, "checkpoint": "",
+        """Defaults; an empty ``config`` or ``parameterization`` is the dataset's (:meth:`dataset_defaults_for`)."""
+        return {"config": "", "process": "vp-linear", "parameterization": "", "class_cond": True, "checkpoint": "",
                 "clip_denoised": True}
+
+    def dataset_defaults_for(self, dataset_name: str) -> dict:
+        """What the empty options mean on this dataset: its default config and parameterization."""
+        return {"config": self.dataset_defaults.get(dataset_name, self.fallback_config), "parameterization": "eps",
+                **self.dataset_options.get(dataset_name, {})}
+
+    def _fill_empty(self, opts: dict, dataset_name: str) -> dict:
+        return opts | {k: v for k, v in self.dataset_defaults_for(dataset_name).items() if opts[k] == ""}
 
     def _resolve(self, dataset, options: dict) -> dict:
         if dataset.modality != "image":
             raise Incompatible(f"{self.name} models images; {dataset.name!r} is {dataset.modality}")
-        opts = {**self.options(), **options}
-        opts["config"] = opts["config"] or self.dataset_defaults.get(dataset.name, self.fallback_config)
+        opts = self._fill_empty({**self.options(), **options}, dataset.name)
         if opts["config"] not in self.configs:
             raise Incompatible(f"{self.name}: unknown config {opts['config']!r}; valid: {', '.join(self.configs)}")
         if opts["parameterization"] not in ("eps", "v", "velocity"):
@@ -78,8 +89,8 @@ class ImageModelPlugin:
         return opts
 
     def _checkpoint_defaults(self, dataset_name: str) -> dict:
-        """The options a checkpoint name is relative to: the dataset's default config is no change."""
-        return {**self.options(), "config": self.dataset_defaults.get(dataset_name, self.fallback_config)}
+        """The options a checkpoint name is relative to: the dataset's default config and options are no change."""
+        return self._fill_empty(self.options(), dataset_name)
 
     def network(self, dataset, opts: dict):
         process = make_process(opts["process"])
@@ -113,9 +124,10 @@ class ImageModelPlugin:
         return net, process, num_classes, opts
 
     def train(self, dataset, out=None, *, device="cpu", steps=None, batch_size=None, lr=None, seed=0,
-              label_dropout=0.1, progress=True, init="", **options) -> Path:
+              label_dropout=0.1, min_snr_gamma=0.0, progress=True, init="", **options) -> Path:
         """Train with the simple loss (Ho et al. eq. 14) and label dropout for CFG; EMA weights are saved.
-        ``init``: start from the weights of this checkpoint (continued training, fresh optimizer)."""
+        ``init``: start from the weights of this checkpoint (continued training, fresh optimizer).
+        ``min_snr_gamma`` > 0: Min-SNR-γ loss weighting (Hang et al. 2023; γ = 5 in the paper)."""
         opts = self._resolve(dataset, options)
         net, process, num_classes = self.network(dataset, opts)
         if init:
@@ -128,20 +140,22 @@ class ImageModelPlugin:
                              {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()})
         out = training_output(checkpoint_name(self.name, dataset.name, opts, self._checkpoint_defaults(dataset.name),
                                               ignore=("clip_denoised",)), out)
-        loss_fn = self.loss(process, opts, num_classes, label_dropout)
+        loss_fn = self.loss(process, opts, num_classes, label_dropout, float(min_snr_gamma))
 
         record = {"dataset": dataset.name, **{k: v for k, v in opts.items() if k not in ("checkpoint", "clip_denoised")},
-                  **({"init": str(init)} if init else {})}
+                  **({"init": str(init)} if init else {}),
+                  **({"min_snr_gamma": float(min_snr_gamma)} if min_snr_gamma else {})}
         train(net, loss_fn, x0, labels if num_classes else None, out, record, cfg, device=device, progress=progress)
         return checkpoint_files(out)[0]
 
-    def loss(self, process, opts: dict, num_classes: int, label_dropout: float) -> Callable:
+    def loss(self, process, opts: dict, num_classes: int, label_dropout: float, min_snr_gamma: float = 0.0) -> Callable:
         """``loss_fn(net, x0, labels, generator)`` for :func:`train` (subclasses swap the objective)."""
         parameterization = opts["parameterization"]
 
         def loss_fn(model, batch, batch_labels, generator):
             return denoising_loss(model, process, parameterization, batch, batch_labels if num_classes else None,
-                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes)
+                                  generator, label_dropout=label_dropout if num_classes else 0.0, null_class=num_classes,
+                                  min_snr_gamma=min_snr_gamma)
         return loss_fn
 
     def register(self, register, description: str):

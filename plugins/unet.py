@@ -177,6 +177,10 @@ UNET_PLUGIN = ImageModelPlugin(
     dataset_defaults={"digits": "tiny-8px", "shapes": "tiny"}, fallback_config="small",
     train_defaults={"digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
                     "shapes": {"steps": 700, "batch_size": 32, "lr": 2e-3}},
+    # v-prediction on shapes: an ε-model's x̂0 = (x − σ ε̂) / α is noise at low SNR (σ/α ≈ 150 at
+    # t ≈ T), and clipping it to [-1, 1] greys the background; v predicts x̂0 there directly
+    # (Salimans & Ho 2022, §4; docs/checkpoints.md).
+    dataset_options={"shapes": {"parameterization": "v"}},
     # By default digits only: a shapes cell (32×32) costs ~15× a digits cell on CPU (84 s vs 6 s per
     # 500-sample batch at 50 steps), which would take the default grid past a few minutes. --datasets shapes runs it.
     run_datasets=("digits",),
@@ -186,4 +190,4 @@ UNET_PLUGIN = ImageModelPlugin(
 @diffbench.hookimpl
 def register_models(register):
     UNET_PLUGIN.register(register, "DDPM/ADM U-Net (ResNet blocks, GroupNorm, attention, skips); class-conditional "
-                                   "with a null class for CFG; shipped for digits and shapes")
+                                   "with a null class for CFG; shipped for digits (ε-prediction) and shapes (v)")

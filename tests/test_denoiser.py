@@ -4,7 +4,7 @@ import torch
 
 from diffbench.denoiser import Denoiser
 from diffbench.process import EDMProcess, FlowProcess, VPContinuous, VPDiscrete
-from diffbench.training import regression_target
+from diffbench.training import denoising_loss, min_snr_weight, regression_target
 
 PROCESSES = [VPDiscrete.linear(), VPContinuous(), EDMProcess(), FlowProcess()]
 
@@ -60,3 +60,32 @@ def test_consistency_parameterization_adds_capability():
     assert "consistency" in d.capabilities
     with pytest.raises(ValueError, match="valid: eps"):
         Denoiser(lambda x, t, c: x, FlowProcess(), "epsilon")
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "velocity", "score"])
+def test_min_snr_weight_is_min_snr_gamma_in_x0_space(process, parameterization):
+    """Hang et al. 2023 §3.4: the weighted loss on any target equals min(SNR, γ) ‖x0 − x̂0‖²."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, pred = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = process.t_min + (process.t_max - process.t_min) * torch.tensor([0.02, 0.2, 0.5, 0.8, 0.97], dtype=torch.float64)
+    a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    x_t = a * x0 + s * eps
+    x0_hat = Denoiser(lambda *_: pred, process, parameterization).to_x0(x_t, t, pred)
+    target = regression_target(parameterization, process, t, x0, eps)
+    gamma = 5.0
+    weighted = min_snr_weight(parameterization, process, t, gamma)[:, None] * (target - pred) ** 2
+    assert torch.allclose(weighted, ((a / s) ** 2).clamp(max=gamma) * (x0 - x0_hat) ** 2, rtol=1e-6, atol=1e-9)
+
+
+def test_min_snr_loss_for_eps_weights_by_min_one_gamma_over_snr():
+    """ε-prediction: the weight is min(1, γ/SNR) (Hang et al. 2023), so a huge γ gives the simple loss."""
+    process = VPDiscrete.linear()
+    t = torch.tensor([0.0, 10.0, 100.0, 500.0, 999.0], dtype=torch.float64)
+    snr = process.alpha(t) ** 2 / process.sigma(t) ** 2
+    assert torch.allclose(min_snr_weight("eps", process, t, 5.0), (5.0 / snr).clamp(max=1.0))
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    net = lambda x, t, cond: 0.5 * x  # noqa: E731  (any fixed function of x_t)
+    plain, huge_gamma = (denoising_loss(net, process, "eps", x0, None, torch.Generator().manual_seed(3),
+                                        min_snr_gamma=gamma) for gamma in (0.0, 1e12))
+    assert torch.allclose(plain, huge_gamma)

@@ -166,6 +166,27 @@ def test_checkpoint_round_trip_without_pickle(tmp_path, plugin, param):
     assert torch.isfinite(den(x, 500.0, torch.arange(4))).all() and den.nfe == 1
 
 
+@pytest.mark.parametrize("plugin", [UNET_PLUGIN, DIT_PLUGIN], ids=lambda p: p.name)
+def test_shapes_defaults_to_v_prediction_and_names_relative_to_it(plugin, tmp_path, monkeypatch):
+    """On shapes unet and dit default to v (an ε-model's x̂0 is noise at low SNR there), elsewhere to ε;
+    a checkpoint name and its train command are relative to the dataset's defaults."""
+    monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path))
+    shapes, digits = image_data.load_shapes(num=8), image_data.load_digits()
+    for ds, other in ((shapes, "eps"), (digits, "v")):
+        with pytest.raises(Incompatible, match=rf"'{plugin.name}-{ds.name}\[parameterization={other}\]'.*"
+                                               rf"--dataset {ds.name} --set parameterization={other}$"):
+            plugin.load(ds, parameterization=other)
+    out = plugin.train(shapes, tmp_path / "ckpt", steps=1, batch_size=2, progress=False)
+    assert json.loads(out.with_suffix(".json").read_text())["model"]["parameterization"] == "v"
+
+
+def test_flow_unet_keeps_its_velocity_on_shapes():
+    from diffbench_plugins.flow import FLOW_UNET_PLUGIN
+
+    with pytest.raises(Incompatible, match="no checkpoint 'flow-unet-shapes'"):
+        FLOW_UNET_PLUGIN.load(image_data.load_shapes(num=8))
+
+
 def test_load_rejects_other_modalities_and_missing_checkpoints(tmp_path):
     from diffbench.data import DataSource
 
