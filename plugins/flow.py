@@ -27,7 +27,7 @@ from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkp
 from diffbench.denoiser import Denoiser
 from diffbench.generate import report_step
 from diffbench.process import FlowProcess
-from diffbench.registry import Incompatible, Model, Option, Sampler
+from diffbench.registry import ConfigError, Incompatible, Model, Option, Sampler
 from diffbench.training import TrainConfig, drop_labels, train
 from diffbench_plugins.mlp import MLPDenoiserNet
 from diffbench_plugins.image_model import ImageModelPlugin
@@ -132,12 +132,11 @@ class FlowImagePlugin(ImageModelPlugin):
     def options(self) -> dict:
         return {**super().options(), "process": "flow", "parameterization": "velocity", "ot": False}
 
-    def _resolve(self, dataset, options: dict) -> dict:
-        opts = super()._resolve(dataset, options)
-        if opts["process"] != "flow" or opts["parameterization"] != "velocity":
-            raise Incompatible(f"{self.name} is the flow-matching U-Net (process=flow, parameterization=velocity); "
-                               f"for other processes use unet")
-        return opts
+    def validate(self, *, process: str = "flow", parameterization: str = "velocity", **options) -> None:
+        super().validate(parameterization=parameterization, **options)
+        if process != "flow" or parameterization != "velocity":
+            raise ConfigError(f"{self.name} is the flow-matching U-Net (process=flow, parameterization=velocity); "
+                              f"for other processes use unet")
 
     def loss(self, process, opts: dict, num_classes: int, label_dropout: float, min_snr_gamma: float = 0.0):
         if min_snr_gamma:

@@ -15,8 +15,10 @@ from diffbench.checkpoints import checkpoint_files, checkpoint_name, load_checkp
 from diffbench.denoiser import Denoiser, append_dims
 from diffbench.nn.layers import random_weights
 from diffbench.process import make_process
-from diffbench.registry import Incompatible, Model
+from diffbench.registry import ConfigError, Incompatible, Model
 from diffbench.training import TrainConfig, denoising_loss, train
+
+PARAMETERIZATIONS = ("eps", "v", "velocity")
 
 RANDOM_WEIGHTS = "random"  # option checkpoint=random: untrained stand-in weights, for timing at any size
 
@@ -81,12 +83,16 @@ class ImageModelPlugin:
         if dataset.modality != "image":
             raise Incompatible(f"{self.name} models images; {dataset.name!r} is {dataset.modality}")
         opts = self._fill_empty({**self.options(), **options}, dataset.name)
-        if opts["config"] not in self.configs:
-            raise Incompatible(f"{self.name}: unknown config {opts['config']!r}; valid: {', '.join(self.configs)}")
-        if opts["parameterization"] not in ("eps", "v", "velocity"):
-            raise Incompatible(f"{self.name}: parameterization must be eps, v or velocity, "
-                               f"got {opts['parameterization']!r}")
+        self.validate(**opts)
         return opts
+
+    def validate(self, *, config: str = "", parameterization: str = "", **_) -> None:
+        """Refuse an unknown config or parameterization before any work (``Model.validate``)."""
+        if config and config not in self.configs:
+            raise ConfigError(f"{self.name}: unknown config {config!r}; valid: {', '.join(self.configs)}")
+        if parameterization and parameterization not in PARAMETERIZATIONS:
+            raise ConfigError(f"{self.name}: parameterization must be {', '.join(PARAMETERIZATIONS)} (or empty: the "
+                              f"dataset's), got {parameterization!r}")
 
     def _checkpoint_defaults(self, dataset_name: str) -> dict:
         """The options a checkpoint name is relative to: the dataset's default config and options are no change."""
@@ -159,5 +165,5 @@ class ImageModelPlugin:
         return loss_fn
 
     def register(self, register, description: str):
-        register(Model(name=self.name, family="gaussian", load=self.load, train=self.train,
+        register(Model(name=self.name, family="gaussian", load=self.load, train=self.train, validate=self.validate,
                        options=self.options(), datasets=self.run_datasets, description=description))
