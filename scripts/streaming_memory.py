@@ -112,7 +112,7 @@ def main(out_dir):
     run_10k = float(table[(table.num_samples == SIZES[-1]) & (table["mode"] == "in-process")]["run_s"].iloc[0])
     note = (f"\nModel shapes-gaussian (exact denoiser of a class-wise Gaussian, this script's plugin), ddim, 2 steps, "
             f"shapes 3×32×32, batches of 250, metrics fid + class-acc, CPU, OMP_NUM_THREADS=1. "
-            f"`peak_mem_mb (row)`: the table's column (growth of the worker's VmHWM over the cell); "
+            f"`peak_mem_mb (row)`: the table's column (growth of the VmHWM while the cell makes its samples, above the loaded model and data); "
             f"`peak_rss_mb (process)`: ru_maxrss of the run's process (only meaningful in-process; in worker mode "
             f"the largest of the supervisor and the forkserver). Streaming cost: writing {SIZES[-1]} samples as "
             f"PNGs and reading them back took {stream_s:.1f} s, {stream_s / run_10k:.2f}× the in-process run's "
