@@ -145,11 +145,18 @@ def release_free_memory() -> None:
     batches (shapes, batches of 250: 404 MiB at 1,000 samples, 690 MiB at 10,000). Fixing glibc's
     mmap threshold instead also bounds it, but makes every batch-sized allocation a fresh mmap: the
     networks then ran 1.4x (conv) to 2.2x (MLP) slower, which would distort every timing column."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once; None where there is none (musl, macOS, Windows)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def sample_folder(out_dir: Path, cell: Cell) -> Path:
